@@ -1,0 +1,309 @@
+"""Byte format for images compressed by a QG-VAE: a fixed header, then the token ids packed at log2(K) bits each.
+
+An image is C token ids, token c an index in [0, K) into the c-th codebook. A stream keeps the first k of them
+(1 <= k <= C; tokens trained with token dropout are ordered coarse-to-fine, so a prefix is a coarser image).
+
+Layout (all integers big-endian, `HEADER_NUM_BYTES` = 20):
+
+    | offset | bytes | field        | type     | meaning                                                  |
+    |--------|-------|--------------|----------|----------------------------------------------------------|
+    | 0      | 3     | magic        | b"QGT"   | identifies a QG-VAE token stream                         |
+    | 3      | 1     | version      | uint8    | `FORMAT_VERSION` (= 1)                                   |
+    | 4      | 2     | num_tokens   | uint16   | C, tokens per image of the model                         |
+    | 6      | 4     | codebook_size| uint32   | K, codewords per codebook (2 <= K < 2**32)               |
+    | 10     | 2     | num_kept     | uint16   | k, tokens stored in the payload (1 <= k <= C)            |
+    | 12     | 8     | fingerprint  | 8 bytes  | `fingerprint(codebook, offset)` of the model             |
+    | 20     | P     | payload      | bytes    | P = `payload_num_bytes(k, K)` = ceil(k * log2(K) / 8)    |
+
+The payload is the integer sum_i ids[i] * K**(k - 1 - i) (base K, token 0 the most significant digit) written
+big-endian into exactly P = ceil(bit_length(K**k - 1) / 8) bytes, so any K costs k*log2(K) bits plus < 8 bits of
+padding per image. For K a power of two this is plain bit packing, which has a vectorised path giving the same bytes.
+Because token 0 is the most significant digit, a k-token prefix is not a byte prefix: use `truncate`.
+
+Only the standard library and numpy are imported, so this file can sit next to the hub modeling files.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "FINGERPRINT_NUM_BYTES",
+    "FORMAT_VERSION",
+    "HEADER_NUM_BYTES",
+    "MAGIC",
+    "CodecError",
+    "QGTokenStream",
+    "decode_batch",
+    "decode_tokens",
+    "encode_batch",
+    "encode_tokens",
+    "fingerprint",
+    "payload_num_bytes",
+    "truncate",
+]
+
+MAGIC = b"QGT"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">3sBHIH8s")  # magic, version, C, K, k, fingerprint
+HEADER_NUM_BYTES = _HEADER.size  # 20
+FINGERPRINT_NUM_BYTES = 8
+_MAX_NUM_TOKENS = 2**16 - 1
+_MAX_CODEBOOK_SIZE = 2**32 - 1
+
+
+class CodecError(ValueError):
+    """A token stream or the arguments to encode one are invalid."""
+
+
+@dataclass(frozen=True)
+class QGTokenStream:
+    """A decoded token stream.
+
+    Attributes:
+        token_ids: int64 `[num_kept]`, values in [0, codebook_size); read-only.
+        num_tokens: C, tokens per image of the model that made the stream.
+        codebook_size: K, codewords per codebook.
+        num_kept: k, how many leading tokens the stream holds (1 <= k <= C).
+        fingerprint: the 8-byte `fingerprint` of the model's codebooks.
+    """
+
+    token_ids: np.ndarray
+    num_tokens: int
+    codebook_size: int
+    num_kept: int
+    fingerprint: bytes
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise CodecError(f"{name} must be in [{low}, {high}], got {value}")
+    return int(value)
+
+
+def _check_fingerprint(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"fingerprint must be bytes, got {type(value).__name__}")
+    value = bytes(value)
+    if len(value) != FINGERPRINT_NUM_BYTES:
+        raise CodecError(f"fingerprint must be {FINGERPRINT_NUM_BYTES} bytes, got {len(value)}")
+    return value
+
+
+def fingerprint(*arrays: np.ndarray) -> bytes:
+    """8 bytes identifying a model's codebooks: sha256 over each array's shape and float32 little-endian values.
+
+    Each array contributes `ndim` (uint32 big-endian), its shape (uint64 big-endian each) and its values cast to
+    `<f4` in C order. The model passes its codebook `[C, K, D]` and offset `[C, D]`.
+    """
+    if not arrays:
+        raise TypeError("fingerprint needs at least one array, got none")
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array, dtype="<f4")
+        digest.update(struct.pack(f">I{array.ndim}Q", array.ndim, *array.shape))
+        digest.update(array.tobytes())
+    return digest.digest()[:FINGERPRINT_NUM_BYTES]
+
+
+@functools.lru_cache(maxsize=64)
+def _radix_power(codebook_size: int, num_kept: int) -> int:
+    return codebook_size**num_kept
+
+
+def _bits_per_token(codebook_size: int) -> int | None:
+    """log2(K) when K is a power of two (the bit-packing path applies), else None."""
+    return codebook_size.bit_length() - 1 if codebook_size & (codebook_size - 1) == 0 else None
+
+
+def payload_num_bytes(num_tokens: int, codebook_size: int) -> int:
+    """Bytes holding `num_tokens` ids in [0, codebook_size): ceil(bit_length(K**k - 1) / 8), 0 for k = 0."""
+    num_tokens = _check_int("num_tokens", num_tokens, 0, _MAX_NUM_TOKENS)
+    codebook_size = _check_int("codebook_size", codebook_size, 2, _MAX_CODEBOOK_SIZE)
+    bits = _bits_per_token(codebook_size)
+    num_bits = num_tokens * bits if bits is not None else (_radix_power(codebook_size, num_tokens) - 1).bit_length()
+    return (num_bits + 7) // 8
+
+
+def _pack_radix(token_ids: np.ndarray, codebook_size: int, num_bytes: int) -> bytes:
+    """General path: Horner's rule in base K, token 0 the most significant digit."""
+    value = 0
+    for digit in token_ids.tolist():
+        value = value * codebook_size + digit
+    return value.to_bytes(num_bytes, "big")
+
+
+def _unpack_radix(payload: bytes, codebook_size: int, num_kept: int) -> np.ndarray:
+    value = int.from_bytes(payload, "big")
+    if value >= _radix_power(codebook_size, num_kept):
+        _raise_corrupt(value // _radix_power(codebook_size, num_kept - 1), codebook_size)
+    digits = [0] * num_kept
+    for i in range(num_kept - 1, -1, -1):
+        value, digits[i] = divmod(value, codebook_size)
+    return np.array(digits, dtype=np.int64)
+
+
+def _pack_bits(token_ids: np.ndarray, bits: int, num_bytes: int) -> bytes:
+    """Power-of-two K: the same bytes as `_pack_radix`, each id as `bits` bits MSB-first, zero bits in front."""
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    id_bits = ((token_ids[:, None] >> shifts) & 1).astype(np.uint8).ravel()  # (k * bits,)
+    padded = np.zeros(num_bytes * 8, dtype=np.uint8)
+    padded[padded.size - id_bits.size :] = id_bits
+    return np.packbits(padded).tobytes()
+
+
+def _unpack_bits(payload: bytes, bits: int, num_kept: int) -> np.ndarray:
+    all_bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
+    pad = all_bits.size - num_kept * bits
+    if all_bits[:pad].any():  # the integer is >= K**k: token 0 would need more than `bits` bits
+        _raise_corrupt(int("".join(map(str, all_bits[: pad + bits].tolist())), 2), 2**bits)
+    weights = np.int64(1) << np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return all_bits[pad:].reshape(num_kept, bits).astype(np.int64) @ weights
+
+
+def _raise_corrupt(first_digit: int, codebook_size: int) -> None:
+    raise CodecError(
+        f"corrupt payload: token 0 decodes to {first_digit}, which is not below codebook_size {codebook_size}"
+    )
+
+
+def _pack(token_ids: np.ndarray, codebook_size: int) -> bytes:
+    num_bytes = payload_num_bytes(token_ids.size, codebook_size)
+    bits = _bits_per_token(codebook_size)
+    if bits is None:
+        return _pack_radix(token_ids, codebook_size, num_bytes)
+    return _pack_bits(token_ids, bits, num_bytes)
+
+
+def _unpack(payload: bytes, codebook_size: int, num_kept: int) -> np.ndarray:
+    bits = _bits_per_token(codebook_size)
+    if bits is None:
+        return _unpack_radix(payload, codebook_size, num_kept)
+    return _unpack_bits(payload, bits, num_kept)
+
+
+def _write(token_ids: np.ndarray, num_tokens: int, codebook_size: int, fingerprint: bytes) -> bytes:
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, num_tokens, codebook_size, token_ids.size, fingerprint)
+    return header + _pack(token_ids, codebook_size)
+
+
+def encode_tokens(
+    token_ids: Sequence[int] | np.ndarray,
+    codebook_size: int,
+    fingerprint: bytes,
+    num_tokens: int | None = None,
+) -> bytes:
+    """Serialise one image's tokens.
+
+    Args:
+        token_ids: integer `[C]`, values in [0, codebook_size).
+        codebook_size: K, 2 <= K < 2**32.
+        fingerprint: 8 bytes from `fingerprint(codebook, offset)`.
+        num_tokens: k, keep only the first k tokens (1 <= k <= C); default all C.
+
+    Returns:
+        `HEADER_NUM_BYTES + payload_num_bytes(k, K)` bytes.
+    """
+    codebook_size = _check_int("codebook_size", codebook_size, 2, _MAX_CODEBOOK_SIZE)
+    fingerprint = _check_fingerprint(fingerprint)
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 1:
+        raise CodecError(f"token_ids must be 1-D [num_tokens], got shape {tuple(token_ids.shape)}")
+    total = _check_int("len(token_ids)", token_ids.size, 1, _MAX_NUM_TOKENS)
+    if token_ids.dtype.kind not in "iu":
+        raise TypeError(f"token_ids must have an integer dtype, got {token_ids.dtype}")
+    bad = np.flatnonzero((token_ids < 0) | (token_ids >= codebook_size))
+    if bad.size:
+        position = int(bad[0])
+        raise CodecError(
+            f"token_ids must be in [0, {codebook_size}), got {token_ids[position]} at position {position}"
+        )
+    kept = total if num_tokens is None else _check_int("num_tokens", num_tokens, 1, total)
+    return _write(token_ids[:kept].astype(np.int64), total, codebook_size, fingerprint)
+
+
+def decode_tokens(
+    data: bytes,
+    *,
+    codebook_size: int | None = None,
+    num_tokens: int | None = None,
+    fingerprint: bytes | None = None,
+) -> QGTokenStream:
+    """Parse a stream from `encode_tokens`; the keyword arguments, when given, must match the stream's model.
+
+    Raises:
+        CodecError: the bytes are not a valid stream, or it was made for a model with another C, K or fingerprint.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < HEADER_NUM_BYTES:
+        raise CodecError(f"data is too short to hold a header: {len(data)} bytes < {HEADER_NUM_BYTES}")
+    magic, version, total, size, kept, stream_fingerprint = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError(f"not a QG-VAE token stream: magic is {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CodecError(f"unsupported format version {version}, this codec reads version {FORMAT_VERSION}")
+    if size < 2:
+        raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
+    if kept == 0 or kept > total:
+        raise CodecError(f"invalid header: num_kept is {kept}, must be in [1, num_tokens={total}]")
+    for name, found, expected in (
+        ("num_tokens", total, num_tokens),
+        ("codebook_size", size, codebook_size),
+        ("fingerprint", stream_fingerprint, fingerprint),
+    ):
+        if expected is not None and found != expected:
+            found, expected = (bytes(v).hex() if name == "fingerprint" else v for v in (found, expected))
+            raise CodecError(
+                f"the stream was made for another model: {name} is {found} in the stream, expected {expected}"
+            )
+    payload = data[HEADER_NUM_BYTES:]
+    expected_bytes = payload_num_bytes(kept, size)
+    if len(payload) < expected_bytes:
+        raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
+    if len(payload) > expected_bytes:
+        raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, the header implies {expected_bytes}")
+    token_ids = _unpack(payload, size, kept)
+    token_ids.setflags(write=False)
+    return QGTokenStream(token_ids, total, size, kept, stream_fingerprint)
+
+
+def truncate(data: bytes, num_tokens: int) -> bytes:
+    """Re-encode a stream keeping only its first `num_tokens` tokens (1 <= k <= the stream's num_kept)."""
+    stream = decode_tokens(data)
+    kept = _check_int("num_tokens", num_tokens, 1, stream.num_kept)
+    return _write(stream.token_ids[:kept], stream.num_tokens, stream.codebook_size, stream.fingerprint)
+
+
+def encode_batch(
+    token_ids: Sequence[Sequence[int]] | np.ndarray,
+    codebook_size: int,
+    fingerprint: bytes,
+    num_tokens: int | None = None,
+) -> list[bytes]:
+    """`encode_tokens` on each row of an integer `[B, C]` array; one stream per image."""
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 2:
+        raise CodecError(f"token_ids must be 2-D [batch, num_tokens], got shape {tuple(token_ids.shape)}")
+    return [encode_tokens(row, codebook_size, fingerprint, num_tokens) for row in token_ids]
+
+
+def decode_batch(
+    data: Iterable[bytes],
+    *,
+    codebook_size: int | None = None,
+    num_tokens: int | None = None,
+    fingerprint: bytes | None = None,
+) -> list[QGTokenStream]:
+    """`decode_tokens` on each stream, checking each against the same expected model."""
+    expected = {"codebook_size": codebook_size, "num_tokens": num_tokens, "fingerprint": fingerprint}
+    return [decode_tokens(stream, **expected) for stream in data]

@@ -1,0 +1,498 @@
+"""QG-VAE: hourglass encoder -> C global token maps -> per-head affine map -> per-token VQ -> mirrored decoder."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .codec import decode_batch, encode_batch, fingerprint
+from .configuration_qgvae import QGVAEConfig
+from .quantizer_qgvae import PerTokenQuantizer
+
+
+@dataclass
+class QGVAEEncoderOutput(ModelOutput):
+    """Output of [`QGVAEModel.encode`].
+
+    Attributes:
+        token_ids: `[B, C]` int64, token c indexes codebook c, values in [0, K).
+        quantized: `[B, C, D]` codewords (straight-through gradient to the encoder), before the global offset.
+        codebook_loss: scalar `mean((sg(z) - e)^2)`.
+        commitment_loss: scalar `mean((z - sg(e))^2)`.
+    """
+
+    token_ids: torch.LongTensor | None = None
+    quantized: torch.FloatTensor | None = None
+    codebook_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class QGVAEDecoderOutput(ModelOutput):
+    """Output of [`QGVAEModel.decode`].
+
+    Attributes:
+        pixel_values: `[B, num_channels, H, W]` reconstruction, nominally in [0, 1] (not clamped).
+    """
+
+    pixel_values: torch.FloatTensor | None = None
+
+
+@dataclass
+class QGVAEModelOutput(ModelOutput):
+    """Output of [`QGVAEModel.forward`].
+
+    Attributes:
+        loss: `reconstruction_loss + w_cb * codebook_loss + w_commit * commitment_loss`.
+        reconstruction: `[B, num_channels, H, W]` decoded image (not clamped).
+        token_ids: `[B, C]` int64 token ids.
+        reconstruction_loss: mean squared error against the input.
+        codebook_loss: scalar, see [`QGVAEEncoderOutput`].
+        commitment_loss: scalar, see [`QGVAEEncoderOutput`].
+        token_mask: `[B, C]` 1 for tokens the decoder saw, 0 for tokens dropped by the ordering regulariser.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    token_ids: torch.LongTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    codebook_loss: torch.FloatTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    token_mask: torch.FloatTensor | None = None
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest divisor of `channels` that is <= 16 as group count (as the reference)."""
+    groups = max(g for g in range(1, 17) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def grid_position_encoding(size: int, num_octaves: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`[1, 4 * num_octaves, size, size]`: sin/cos(2^i * p) of both pixel coordinates p = index / size."""
+    coords = torch.arange(size, device=device, dtype=torch.float32) / size
+    grid = torch.stack(torch.meshgrid(coords, coords, indexing="ij"))  # (2, size, size)
+    scales = 2.0 ** torch.arange(num_octaves, device=device, dtype=torch.float32)
+    phases = scales[:, None, None, None] * grid  # (octaves, 2, size, size)
+    encoding = torch.stack((phases.sin(), phases.cos()), dim=1)  # (octaves, sin/cos, 2, size, size)
+    return encoding.reshape(1, 4 * num_octaves, size, size).to(dtype)
+
+
+def resize(x: torch.Tensor, size: int, shrink_mode: str = "area") -> torch.Tensor:
+    """Resize `[B, C, h, h]` to `size` (bilinear when growing, `shrink_mode` when shrinking)."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] > size:
+        return F.interpolate(x, size=(size, size), mode=shrink_mode)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class ConditioningPyramid:
+    """The hourglass conditioning (network input + position grid) at every resolution, each computed once."""
+
+    def __init__(self, cond: torch.Tensor):
+        self.levels = {cond.shape[-1]: cond}
+        self.base = cond
+
+    def __call__(self, size: int) -> torch.Tensor:
+        if size not in self.levels:
+            self.levels[size] = resize(self.base, size, shrink_mode="nearest")
+        return self.levels[size]
+
+
+class QGVAEResidualBlock(GradientCheckpointingLayer):
+    """Imagen-style residual block with the conditioning injected: `conv(SiLU(GN(conv(SiLU(GN(x + W c)))))) + W' x`."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, cond_channels: int):
+        super().__init__()
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.cond_proj = nn.Conv2d(cond_channels, in_channels, 1, bias=False)
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, padding=1)
+        self.norm2 = group_norm(mid_channels)
+        self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(x + self.cond_proj(cond)))
+        h = F.silu(self.norm2(self.conv1(h)))
+        return self.conv2(h) + self.skip(x)
+
+
+class QGVAEResidualStack(nn.Module):
+    """`num_blocks` residual blocks: in -> mid -> ... -> out channels."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, cond_channels: int, num_blocks: int):
+        super().__init__()
+        widths = [in_channels] + [mid_channels] * (num_blocks - 1) + [out_channels]
+        self.blocks = nn.ModuleList(
+            QGVAEResidualBlock(widths[i], mid_channels, widths[i + 1], cond_channels) for i in range(num_blocks)
+        )
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cond)
+        return x
+
+
+class QGVAEHourglassLevel(nn.Module):
+    """One level of the hourglass: conv, residual stack, (down, next level, up), residual stack, conv.
+
+    There are no encoder-to-decoder skip concatenations (as in the reference). Levels below `skip_up` do not
+    upsample (encoder with f > 0) and levels below `skip_down` do not downsample (decoder with f > 0).
+    """
+
+    def __init__(
+        self,
+        config: QGVAEConfig,
+        in_channels: int,
+        channels: int,
+        size: int,
+        cond_channels: int,
+        level: int = 0,
+        skip_up: int = 0,
+        skip_down: int = 0,
+        out_channels: int | None = None,
+    ):
+        super().__init__()
+        next_channels = min(2 * channels, config.max_channels)
+        self.in_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.in_res = QGVAEResidualStack(channels, channels, next_channels, cond_channels, config.num_res_blocks)
+        self.inner = None
+        inner_channels = next_channels
+        if size > config.min_resolution or skip_up > level or skip_down > level:
+            self.inner = QGVAEHourglassLevel(
+                config, next_channels, next_channels, size // 2, cond_channels, level + 1, skip_up, skip_down
+            )
+            inner_channels = self.inner.out_channels
+        self.downsample, self.upsample = level >= skip_down, level >= skip_up
+        if level < skip_down:  # decoder levels that keep the token-map resolution shrink their width instead
+            dim_out = out_channels if level == 0 and out_channels else min(config.min_channels * 2**level, inner_channels)
+            mid = inner_channels
+        else:
+            dim_out = inner_channels if skip_up > level else channels
+            dim_out = out_channels if level == 0 and out_channels else dim_out
+            mid = max(channels, dim_out)
+        self.out_res = QGVAEResidualStack(inner_channels, mid, dim_out, cond_channels, config.num_res_blocks)
+        self.out_conv = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.out_channels = dim_out
+
+    def forward(self, x: torch.Tensor, cond: ConditioningPyramid) -> torch.Tensor:
+        x = self.in_res(self.in_conv(x), cond(x.shape[-1]))
+        if self.inner is not None:
+            x = F.avg_pool2d(x, 2) if self.downsample else x  # = bilinear x0.5 on even sizes
+            x = self.inner(x, cond)
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False) if self.upsample else x
+        return self.out_conv(self.out_res(x, cond(x.shape[-1])))
+
+
+class QGVAEHourglass(nn.Module):
+    """`out_proj(levels(x) + conv(x))`, conditioned in every block on `concat(x, position grid)`."""
+
+    def __init__(
+        self, config: QGVAEConfig, in_channels: int, channels: int, out_channels: int, size: int,
+        skip_up: int = 0, skip_down: int = 0,
+    ):  # fmt: skip
+        super().__init__()
+        self.num_octaves = config.num_octaves
+        cond_channels = in_channels + 4 * config.num_octaves
+        self.levels = QGVAEHourglassLevel(
+            config, in_channels, channels, size, cond_channels, skip_up=skip_up, skip_down=skip_down,
+            out_channels=out_channels,
+        )  # fmt: skip
+        self.outer_residual = nn.Conv2d(in_channels, self.levels.out_channels, 3, padding=1, bias=False)
+        self.out_proj = nn.Conv2d(self.levels.out_channels, out_channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        position = grid_position_encoding(x.shape[-1], self.num_octaves, x.device, x.dtype)
+        cond = ConditioningPyramid(torch.cat((x, position.expand(x.shape[0], -1, -1, -1)), dim=1))
+        out = self.levels(x, cond)
+        return self.out_proj(out + resize(self.outer_residual(x), out.shape[-1]))
+
+
+class QGVAETokenProjection(nn.Module):
+    """Per-head affine map applied to every token of the head's contiguous group: `[B, C, in] -> [B, C, out]`.
+
+    Head h owns `weight[h] [in, out]` and `bias[h] [out]` (a shared `Conv1d(in, out, 1)` in the reference); all heads
+    run as one batched matmul.
+    """
+
+    def __init__(self, num_heads: int, in_features: int, out_features: int):
+        super().__init__()
+        self.num_heads, self.in_features = num_heads, in_features
+        self.weight = nn.Parameter(torch.empty(num_heads, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_heads, 1, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        grouped = x.reshape(batch, self.num_heads, tokens // self.num_heads, self.in_features)  # (B, NH, C/NH, in)
+        return (grouped @ self.weight + self.bias).reshape(batch, tokens, -1)  # (B, NH, C/NH, out) -> (B, C, out)
+
+
+class QGVAEEncoder(nn.Module):
+    """`[B, ch, H, W]` -> `[B, C, D]`: hourglass to C maps of N pixels (+ pooled 1x1 residual), transpose, heads."""
+
+    def __init__(self, config: QGVAEConfig):
+        super().__init__()
+        self.token_map_size = config.token_map_size
+        self.hourglass = QGVAEHourglass(
+            config, config.num_channels, config.min_channels, config.num_tokens, config.image_size,
+            skip_up=config.downsample_factor,
+        )  # fmt: skip
+        self.residual = nn.Conv2d(config.num_channels, config.num_tokens, 1)
+        self.projection = QGVAETokenProjection(config.num_heads, config.token_map_size**2, config.codeword_dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        maps = self.hourglass(pixel_values) + resize(self.residual(pixel_values), self.token_map_size)
+        return self.projection(maps.flatten(2))  # (B, C, N) -> (B, C, D)
+
+
+class QGVAEDecoder(nn.Module):
+    """`[B, C, D]` -> `[B, ch, H, W]`: heads back to C maps, transpose, hourglass upsampling f times (+ residual)."""
+
+    def __init__(self, config: QGVAEConfig):
+        super().__init__()
+        self.token_map_size, self.image_size = config.token_map_size, config.image_size
+        self.projection = QGVAETokenProjection(config.num_heads, config.codeword_dim, config.token_map_size**2)
+        self.hourglass = QGVAEHourglass(
+            config, config.num_tokens, config.max_channels, config.num_channels, config.token_map_size,
+            skip_down=config.downsample_factor,
+        )  # fmt: skip
+        self.residual = nn.Conv2d(config.num_tokens, config.num_channels, 1)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = latents.shape
+        maps = self.projection(latents).reshape(batch, tokens, self.token_map_size, self.token_map_size)
+        return self.hourglass(maps) + resize(self.residual(maps), self.image_size)
+
+
+class QGVAEPreTrainedModel(PreTrainedModel):
+    config_class = QGVAEConfig
+    config: QGVAEConfig
+    base_model_prefix = "qgvae"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QGVAEResidualBlock", "PerTokenQuantizer"]
+    _keep_in_fp32_modules = ["quantizer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch-default U(+-1/sqrt(fan_in)) for convs and head maps (as the reference); U(-0.5, 0.5) codebooks."""
+        if isinstance(module, (nn.Conv2d, QGVAETokenProjection)):
+            fan_in = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+            bound = 1 / math.sqrt(fan_in)
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.GroupNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, PerTokenQuantizer):
+            init.uniform_(module.codebook, -0.5, 0.5)
+            init.uniform_(module.global_offset, -0.5, 0.5)
+            init.zeros_(module.reset_statistic)
+            init.zeros_(module.usage_counts)
+
+
+class QGVAEModel(QGVAEPreTrainedModel):
+    """The Quantised Global Autoencoder: an image in [0, 1] <-> C global token ids.
+
+    `encode` gives token ids, `decode` rebuilds the image from all or the first k tokens, `forward` does both and
+    returns the training loss. `compress`/`decompress` turn images into `bytes_per_image`-byte payloads and back.
+    """
+
+    def __init__(self, config: QGVAEConfig):
+        super().__init__(config)
+        self.encoder = QGVAEEncoder(config)
+        self.quantizer = PerTokenQuantizer(config.num_tokens, config.codebook_size, config.codeword_dim)
+        self.decoder = QGVAEDecoder(config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- validation
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be a float tensor in [0, 1], got dtype {pixel_values.dtype} "
+                "(use QGVAEImageProcessor to convert uint8 images)"
+            )
+        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [batch, {', '.join(map(str, expected))}] (channels, height, width), "
+                f"got {list(pixel_values.shape)}"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or Inf")
+        low, high = pixel_values.aminmax()
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"pixel_values must be in [0, 1] (no normalisation), got values in [{low.item():.3g}, {high.item():.3g}]"
+            )
+
+    def _check_token_ids(self, token_ids: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(token_ids, torch.Tensor):
+            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
+        if token_ids.ndim != 2 or token_ids.shape[1] != cfg.num_tokens:
+            raise ValueError(f"token_ids must have shape [batch, {cfg.num_tokens}], got {list(token_ids.shape)}")
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= cfg.codebook_size):
+            raise ValueError(
+                f"token_ids must be in [0, {cfg.codebook_size}), got values in "
+                f"[{token_ids.min().item()}, {token_ids.max().item()}]"
+            )
+
+    def _token_mask(self, num_tokens: int | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+        """`[B, C]` float mask keeping the first `num_tokens` tokens (int, or `[B]` per image), or None for all."""
+        if num_tokens is None:
+            return None
+        c = self.config.num_tokens
+        counts = torch.as_tensor(num_tokens, device=device)
+        if counts.is_floating_point() or counts.ndim > 1 or (counts.ndim == 1 and counts.shape[0] != batch):
+            raise ValueError(f"num_tokens must be an int or a [batch] integer tensor, got {num_tokens!r}")
+        if counts.numel() and (counts.min() < 1 or counts.max() > c):
+            raise ValueError(f"num_tokens must be in [1, {c}], got {num_tokens!r}")
+        return (torch.arange(c, device=device) < counts.reshape(-1, 1)).float().expand(batch, c)
+
+    # ----------------------------------------------------------------------------------------------- public API
+    @property
+    def bits_per_image(self) -> float:
+        """C * log2(K) bits per image."""
+        return self.config.bits_per_image
+
+    @property
+    def bytes_per_image(self) -> int:
+        """ceil(C * log2(K) / 8) payload bytes per image."""
+        return self.config.bytes_per_image
+
+    def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> QGVAEEncoderOutput | tuple:
+        """`[B, ch, H, W]` in [0, 1] -> token ids `[B, C]` (+ quantized latents and VQ losses)."""
+        self._check_pixel_values(pixel_values)
+        quantizer_output = self.quantizer(self.encoder(pixel_values))
+        output = QGVAEEncoderOutput(
+            token_ids=quantizer_output.token_ids,
+            quantized=quantizer_output.quantized,
+            codebook_loss=quantizer_output.codebook_loss,
+            commitment_loss=quantizer_output.commitment_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def decode_latents(self, quantized: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, C, D]` codewords (+ global offset added here; dropped tokens zeroed after it) -> `[B, ch, H, W]`."""
+        latents = quantized + self.quantizer.global_offset.to(quantized.dtype)
+        if token_mask is not None:
+            latents = latents * token_mask.to(latents.dtype).unsqueeze(-1)
+        return self.decoder(latents.to(self.decoder.projection.weight.dtype))
+
+    def decode(
+        self, token_ids: torch.Tensor, num_tokens: int | torch.Tensor | None = None, return_dict: bool = True
+    ) -> QGVAEDecoderOutput | tuple:
+        """Token ids `[B, C]` -> image `[B, ch, H, W]`; `num_tokens=k` decodes from the first k tokens only."""
+        self._check_token_ids(token_ids)
+        mask = self._token_mask(num_tokens, token_ids.shape[0], token_ids.device)
+        pixel_values = self.decode_latents(self.quantizer.lookup(token_ids.long()), mask)
+        output = QGVAEDecoderOutput(pixel_values=pixel_values)
+        return output if return_dict else output.to_tuple()
+
+    def token_dropout_mask(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """`[B, C]` ordering mask: with prob `token_dropout_prob` a sample keeps only a prefix of n ~ U{1..C-1}."""
+        c, p = self.config.num_tokens, self.config.token_dropout_prob
+        drop = torch.rand(batch_size, generator=generator, device=device) < p
+        keep = torch.randint(1, max(c, 2), (batch_size,), generator=generator, device=device)
+        keep = torch.where(drop & (c > 1), keep, torch.full_like(keep, c))
+        return (torch.arange(c, device=device) < keep[:, None]).float()
+
+    def forward(
+        self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None, return_dict: bool | None = None
+    ) -> QGVAEModelOutput | tuple:
+        """Encode, quantise and decode `[B, ch, H, W]` in [0, 1]; returns the reconstruction and training loss.
+
+        In training mode the ordering regulariser drops token suffixes (`token_dropout_prob`) unless `token_mask`
+        `[B, C]` is given.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        encoded = self.encode(pixel_values)
+        if token_mask is None and self.training and self.config.token_dropout_prob > 0:
+            token_mask = self.token_dropout_mask(pixel_values.shape[0], pixel_values.device)
+        reconstruction = self.decode_latents(encoded.quantized, token_mask)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
+        loss = (
+            reconstruction_loss
+            + self.config.codebook_loss_weight * encoded.codebook_loss
+            + self.config.commitment_loss_weight * encoded.commitment_loss
+        )
+        output = QGVAEModelOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            token_ids=encoded.token_ids,
+            reconstruction_loss=reconstruction_loss,
+            codebook_loss=encoded.codebook_loss,
+            commitment_loss=encoded.commitment_loss,
+            token_mask=token_mask,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------------------------- codebook maintenance
+    def accumulate_reset_statistic(self) -> None:
+        """Add this step's mean |dL/dE| to the reset statistic; call after each (unscaled) autoencoder backward."""
+        self.quantizer.accumulate_reset_statistic()
+
+    def voronoi_reset(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run the Voronoi codebook reset on the (already reduced) statistic; returns `[C]` resets per token."""
+        return self.quantizer.voronoi_reset(generator)
+
+    def codebook_usage(self) -> dict[str, torch.Tensor]:
+        """Per-token `used_fraction`, `perplexity` and `dead` count from the training usage counts."""
+        return self.quantizer.codebook_usage()
+
+    # ---------------------------------------------------------------------------------------------- compression
+    def codebook_fingerprint(self) -> bytes:
+        """8 bytes identifying this model's codebooks and offsets (written into every compressed stream)."""
+        return fingerprint(
+            self.quantizer.codebook.detach().float().cpu().numpy(),
+            self.quantizer.global_offset.detach().float().cpu().numpy(),
+        )
+
+    @torch.no_grad()
+    def compress(self, pixel_values: torch.Tensor, num_tokens: int | None = None) -> list[bytes]:
+        """`[B, ch, H, W]` in [0, 1] -> one byte stream per image (header + ceil(k log2 K / 8) payload bytes)."""
+        token_ids = self.encode(pixel_values).token_ids.cpu().numpy()
+        return encode_batch(token_ids, self.config.codebook_size, self.codebook_fingerprint(), num_tokens)
+
+    @torch.no_grad()
+    def decompress(self, streams: list[bytes]) -> torch.Tensor:
+        """Byte streams from `compress` (possibly truncated to a prefix) -> images `[B, ch, H, W]` (not clamped)."""
+        decoded = decode_batch(
+            streams,
+            codebook_size=self.config.codebook_size,
+            num_tokens=self.config.num_tokens,
+            fingerprint=self.codebook_fingerprint(),
+        )
+        device = self.quantizer.codebook.device
+        token_ids = torch.zeros(len(decoded), self.config.num_tokens, dtype=torch.long, device=device)
+        for row, stream in enumerate(decoded):
+            token_ids[row, : stream.num_kept] = torch.as_tensor(stream.token_ids, device=device)
+        kept = torch.tensor([stream.num_kept for stream in decoded], device=device)
+        return self.decode(token_ids, num_tokens=kept).pixel_values
+
+
+__all__ = [
+    "QGVAEDecoderOutput",
+    "QGVAEEncoderOutput",
+    "QGVAEModel",
+    "QGVAEModelOutput",
+    "QGVAEPreTrainedModel",
+]

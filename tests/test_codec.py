@@ -1,0 +1,298 @@
+"""Tests of the QG-VAE token stream format (qg_tokenizer/codec.py)."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from qg_tokenizer import codec
+from qg_tokenizer.codec import (
+    FORMAT_VERSION,
+    HEADER_NUM_BYTES,
+    MAGIC,
+    CodecError,
+    decode_batch,
+    decode_tokens,
+    encode_batch,
+    encode_tokens,
+    fingerprint,
+    payload_num_bytes,
+    truncate,
+)
+
+FP = bytes(range(8))
+CODEBOOK_SIZES = [2, 256, 300, 512, 1000, 4096]
+NUM_TOKENS = [1, 16, 64, 256]
+
+
+def random_ids(num_tokens: int, codebook_size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, codebook_size, num_tokens)
+
+
+def stream(num_tokens: int = 16, codebook_size: int = 300, seed: int = 0, **kwargs) -> bytes:
+    return encode_tokens(random_ids(num_tokens, codebook_size, seed), codebook_size, FP, **kwargs)
+
+
+def header(magic=MAGIC, version=FORMAT_VERSION, num_tokens=4, codebook_size=300, num_kept=4, fp=FP) -> bytes:
+    return struct.pack(">3sBHIH8s", magic, version, num_tokens, codebook_size, num_kept, fp)
+
+
+@pytest.mark.parametrize("codebook_size", CODEBOOK_SIZES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+def test_round_trip_is_exact(num_tokens, codebook_size):
+    ids = random_ids(num_tokens, codebook_size, seed=num_tokens * codebook_size)
+    data = encode_tokens(ids, codebook_size, FP)
+    decoded = decode_tokens(data, codebook_size=codebook_size, num_tokens=num_tokens, fingerprint=FP)
+    assert decoded.token_ids.dtype == np.int64
+    np.testing.assert_array_equal(decoded.token_ids, ids)
+    assert (decoded.num_tokens, decoded.codebook_size, decoded.num_kept, decoded.fingerprint) == (
+        num_tokens,
+        codebook_size,
+        num_tokens,
+        FP,
+    )
+    assert len(data) == HEADER_NUM_BYTES + payload_num_bytes(num_tokens, codebook_size)
+
+
+@pytest.mark.parametrize("codebook_size", CODEBOOK_SIZES)
+def test_extreme_ids_round_trip(codebook_size):
+    for ids in (np.zeros(64, np.int64), np.full(64, codebook_size - 1)):
+        np.testing.assert_array_equal(decode_tokens(encode_tokens(ids, codebook_size, FP)).token_ids, ids)
+
+
+@pytest.mark.parametrize("codebook_size", CODEBOOK_SIZES + [3, 2**31, 2**32 - 1])
+@pytest.mark.parametrize("num_tokens", [0] + NUM_TOKENS + [1000])
+def test_payload_num_bytes_is_ceil_of_information_content(num_tokens, codebook_size):
+    exact = ((codebook_size**num_tokens - 1).bit_length() + 7) // 8
+    assert payload_num_bytes(num_tokens, codebook_size) == exact
+    bits = num_tokens * math.log2(codebook_size)
+    if abs(bits / 8 - round(bits / 8)) > 1e-6:  # float ceil is unambiguous away from byte boundaries
+        assert exact == math.ceil(bits / 8)
+
+
+def test_payload_num_bytes_known_values():
+    assert payload_num_bytes(256, 512) == 288  # 2304 bits
+    assert payload_num_bytes(64, 300) == 66  # 64 * 8.2288 = 526.6 bits
+    assert payload_num_bytes(3, 300) == 4  # 24.7 bits: 3 bytes would not do, 300**3 > 2**24
+    assert payload_num_bytes(0, 300) == 0
+
+
+def test_header_layout_matches_documented_table():
+    ids = random_ids(16, 300)
+    data = encode_tokens(ids, 300, FP, num_tokens=10)
+    assert HEADER_NUM_BYTES == 20
+    assert data[0:3] == b"QGT"
+    assert data[3] == 1
+    assert int.from_bytes(data[4:6], "big") == 16
+    assert int.from_bytes(data[6:10], "big") == 300
+    assert int.from_bytes(data[10:12], "big") == 10
+    assert data[12:20] == FP
+    assert len(data) - HEADER_NUM_BYTES == payload_num_bytes(10, 300)
+    assert "| 20     | P     | payload" in codec.__doc__
+
+
+@pytest.mark.parametrize("codebook_size", [300, 512])
+def test_payload_is_base_k_integer_with_token_zero_most_significant(codebook_size):
+    ids = [5, 0, 7]
+    payload = encode_tokens(ids, codebook_size, FP)[HEADER_NUM_BYTES:]
+    assert int.from_bytes(payload, "big") == 5 * codebook_size**2 + 7
+
+
+@pytest.mark.parametrize("codebook_size", [2, 256, 512, 4096, 2**31])
+@pytest.mark.parametrize("num_tokens", [1, 3, 16, 257])
+def test_fast_and_general_paths_agree(num_tokens, codebook_size):
+    ids = random_ids(num_tokens, codebook_size, seed=num_tokens)
+    bits = codebook_size.bit_length() - 1
+    num_bytes = payload_num_bytes(num_tokens, codebook_size)
+    general = codec._pack_radix(ids, codebook_size, num_bytes)
+    assert codec._pack_bits(ids, bits, num_bytes) == general
+    np.testing.assert_array_equal(codec._unpack_bits(general, bits, num_tokens), ids)
+    np.testing.assert_array_equal(codec._unpack_radix(general, codebook_size, num_tokens), ids)
+
+
+def test_fast_and_general_paths_reject_the_same_corruption():
+    payload = b"\xff" * payload_num_bytes(3, 8)  # 9 bits of ids in 2 bytes: 7 padding bits set
+    with pytest.raises(CodecError, match="corrupt") as fast:
+        codec._unpack_bits(payload, 3, 3)
+    with pytest.raises(CodecError, match="corrupt") as general:
+        codec._unpack_radix(payload, 8, 3)
+    assert str(fast.value) == str(general.value)
+    assert "decodes to 1023" in str(fast.value)  # 0b11_1111_1111: 7 padding bits + token 0's 3 bits
+
+
+@pytest.mark.parametrize("codebook_size", [300, 512])
+def test_num_tokens_keeps_a_prefix(codebook_size):
+    ids = random_ids(32, codebook_size)
+    decoded = decode_tokens(encode_tokens(ids, codebook_size, FP, num_tokens=5))
+    np.testing.assert_array_equal(decoded.token_ids, ids[:5])
+    assert (decoded.num_tokens, decoded.num_kept) == (32, 5)
+
+
+@pytest.mark.parametrize("codebook_size", [2, 300, 512, 1000])
+def test_truncate_decodes_to_the_first_k_ids(codebook_size):
+    ids = random_ids(64, codebook_size)
+    data = encode_tokens(ids, codebook_size, FP)
+    for k in (1, 7, 33, 64):
+        short = truncate(data, k)
+        assert short == encode_tokens(ids, codebook_size, FP, num_tokens=k)
+        decoded = decode_tokens(short, codebook_size=codebook_size, num_tokens=64, fingerprint=FP)
+        np.testing.assert_array_equal(decoded.token_ids, ids[:k])
+        assert decoded.num_kept == k
+    np.testing.assert_array_equal(decode_tokens(truncate(truncate(data, 33), 7)).token_ids, ids[:7])
+    with pytest.raises(CodecError, match="num_tokens"):
+        truncate(truncate(data, 7), 8)
+
+
+def test_batch_helpers_round_trip_and_check_the_model():
+    ids = np.random.default_rng(1).integers(0, 300, (5, 16))
+    streams = encode_batch(ids, 300, FP, num_tokens=12)
+    assert streams == [encode_tokens(row, 300, FP, num_tokens=12) for row in ids]
+    decoded = decode_batch(streams, codebook_size=300, num_tokens=16, fingerprint=FP)
+    np.testing.assert_array_equal(np.stack([d.token_ids for d in decoded]), ids[:, :12])
+    with pytest.raises(CodecError, match="another model"):
+        decode_batch(streams, codebook_size=512)
+    with pytest.raises(CodecError, match="2-D"):
+        encode_batch(ids[0], 300, FP)
+
+
+def test_decoded_ids_are_read_only():
+    decoded = decode_tokens(stream())
+    with pytest.raises(ValueError):
+        decoded.token_ids[0] = 1
+
+
+@pytest.mark.parametrize("codebook_size", [300, 1000])
+def test_flipped_payload_bit_changes_ids_or_raises(codebook_size):
+    ids = random_ids(16, codebook_size)
+    data = encode_tokens(ids, codebook_size, FP)
+    raised = changed = 0
+    for position in range(HEADER_NUM_BYTES, len(data)):
+        for bit in range(8):
+            corrupt = bytearray(data)
+            corrupt[position] ^= 1 << bit
+            try:
+                decoded = decode_tokens(bytes(corrupt))
+            except CodecError:
+                raised += 1
+                continue
+            assert not np.array_equal(decoded.token_ids, ids)
+            assert decoded.token_ids.min() >= 0 and decoded.token_ids.max() < codebook_size
+            changed += 1
+    assert raised > 0 and changed > 0
+
+
+# --- encode-side validation ---------------------------------------------------------------------------------------
+
+
+def test_encode_names_first_out_of_range_id():
+    with pytest.raises(CodecError, match=r"got 300 at position 2"):
+        encode_tokens([1, 2, 300, 400], 300, FP)
+    with pytest.raises(CodecError, match=r"got -1 at position 1"):
+        encode_tokens([0, -1, 5], 300, FP)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"token_ids": [[1, 2]]}, CodecError, "1-D"),
+        ({"token_ids": [1.0, 2.0]}, TypeError, "integer dtype"),
+        ({"token_ids": []}, CodecError, "len"),
+        ({"num_tokens": 0}, CodecError, "num_tokens"),
+        ({"num_tokens": 4}, CodecError, "num_tokens"),
+        ({"fingerprint": b"short"}, CodecError, "fingerprint"),
+        ({"fingerprint": "01234567"}, TypeError, "fingerprint"),
+        ({"codebook_size": 1}, CodecError, "codebook_size"),
+        ({"codebook_size": 2**32}, CodecError, "codebook_size"),
+        ({"codebook_size": 300.0}, TypeError, "codebook_size"),
+    ],
+)
+def test_encode_rejects_invalid_arguments(kwargs, error, match):
+    args = {"token_ids": [1, 2, 3], "codebook_size": 300, "fingerprint": FP} | kwargs
+    with pytest.raises(error, match=match):
+        encode_tokens(**args)
+
+
+def test_encode_rejects_too_many_tokens():
+    with pytest.raises(CodecError, match="len"):
+        encode_tokens(np.zeros(2**16, np.int64), 2, FP)
+
+
+# --- decode-side validation ---------------------------------------------------------------------------------------
+
+
+def test_decode_rejects_short_data():
+    with pytest.raises(CodecError, match="too short"):
+        decode_tokens(stream()[: HEADER_NUM_BYTES - 1])
+
+
+def test_decode_rejects_wrong_magic():
+    with pytest.raises(CodecError, match="not a QG-VAE token stream"):
+        decode_tokens(b"PNG" + stream()[3:])
+
+
+def test_decode_rejects_unknown_version():
+    with pytest.raises(CodecError, match="unsupported format version 2"):
+        decode_tokens(header(version=2) + b"\x00" * payload_num_bytes(4, 300))
+
+
+def test_decode_rejects_truncated_payload():
+    with pytest.raises(CodecError, match="truncated payload"):
+        decode_tokens(stream()[:-1])
+
+
+def test_decode_rejects_trailing_bytes():
+    with pytest.raises(CodecError, match="trailing bytes"):
+        decode_tokens(stream() + b"\x00")
+
+
+@pytest.mark.parametrize(("num_tokens", "num_kept"), [(4, 5), (4, 0)])
+def test_decode_rejects_bad_num_kept(num_tokens, num_kept):
+    data = header(num_tokens=num_tokens, num_kept=num_kept) + b"\x00" * payload_num_bytes(num_kept, 300)
+    with pytest.raises(CodecError, match="num_kept is"):
+        decode_tokens(data)
+
+
+def test_decode_rejects_digit_out_of_range():
+    data = header(num_tokens=1, num_kept=1) + b"\xff\xff"  # 65535 >= 300
+    with pytest.raises(CodecError, match="corrupt payload: token 0 decodes to 65535"):
+        decode_tokens(data)
+
+
+@pytest.mark.parametrize(
+    ("expected", "match"),
+    [
+        ({"num_tokens": 32}, "num_tokens is 16 in the stream, expected 32"),
+        ({"codebook_size": 512}, "codebook_size is 300 in the stream, expected 512"),
+        ({"fingerprint": b"\xff" * 8}, "fingerprint is 0001020304050607 in the stream, expected ffffffffffffffff"),
+    ],
+)
+def test_decode_rejects_stream_of_another_model(expected, match):
+    with pytest.raises(CodecError, match="another model: " + match):
+        decode_tokens(stream(), **expected)
+
+
+def test_codec_error_is_a_value_error():
+    assert issubclass(CodecError, ValueError)
+
+
+# --- fingerprint --------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((4, 8, 3)).astype(np.float32)
+    offset = rng.standard_normal((4, 3)).astype(np.float32)
+    reference = fingerprint(codebook, offset)
+    assert isinstance(reference, bytes) and len(reference) == 8
+    assert fingerprint(codebook.copy(), offset.copy()) == reference
+    assert fingerprint(codebook.astype(np.float64), offset) == reference  # values, not dtype, identify the model
+    for array_index, array in enumerate((codebook, offset)):
+        for flat_index in range(array.size):
+            changed = [codebook.copy(), offset.copy()]
+            changed[array_index].flat[flat_index] += 1e-3
+            assert fingerprint(*changed) != reference
+    assert fingerprint(codebook.reshape(4, 3, 8), offset) != reference  # same values, another shape
+    assert fingerprint(offset, codebook) != reference
