@@ -104,17 +104,22 @@ class PerTokenQuantizer(nn.Module):
         self.reset_statistic.zero_()
         return resets
 
-    @torch.no_grad()
-    def codebook_usage(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-token usage from counts `[C, K]` (default: `usage_counts`).
+    def codebook_usage(self) -> dict[str, torch.Tensor]:
+        """Per-token usage statistics of `usage_counts`, see [`usage_statistics`]."""
+        return usage_statistics(self.usage_counts)
 
-        Returns `used_fraction [C]`, `perplexity [C]` (exp of the entropy of the usage distribution) and `dead [C]`.
-        """
-        counts = (self.usage_counts if counts is None else counts).float()
-        probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        used = counts > 0
-        return {"used_fraction": used.float().mean(-1), "perplexity": entropy.exp(), "dead": (~used).sum(-1)}
+
+@torch.no_grad()
+def usage_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token usage of codeword counts `[C, K]`.
+
+    Returns `used_fraction [C]`, `perplexity [C]` (exp of the entropy of the usage distribution) and `dead [C]`.
+    """
+    counts = counts.float()
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+    used = counts > 0
+    return {"used_fraction": used.float().mean(-1), "perplexity": entropy.exp(), "dead": (~used).sum(-1)}
 
 
 @torch.no_grad()
@@ -144,4 +149,4 @@ def voronoi_reset(
     return num_resets
 
 
-__all__ = ["PerTokenQuantizer", "QuantizerOutput", "voronoi_reset"]
+__all__ = ["PerTokenQuantizer", "QuantizerOutput", "usage_statistics", "voronoi_reset"]
