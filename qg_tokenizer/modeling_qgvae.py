@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -481,11 +482,12 @@ class QGVAEModel(QGVAEPreTrainedModel):
             num_tokens=self.config.num_tokens,
             fingerprint=self.codebook_fingerprint(),
         )
-        device = self.quantizer.codebook.device
-        token_ids = torch.zeros(len(decoded), self.config.num_tokens, dtype=torch.long, device=device)
+        token_ids = np.zeros((len(decoded), self.config.num_tokens), dtype=np.int64)
         for row, stream in enumerate(decoded):
-            token_ids[row, : stream.num_kept] = torch.as_tensor(stream.token_ids, device=device)
+            token_ids[row, : stream.num_kept] = stream.token_ids
+        device = self.quantizer.codebook.device
         kept = torch.tensor([stream.num_kept for stream in decoded], device=device)
+        token_ids = torch.from_numpy(token_ids).to(device)
         return self.decode(token_ids, num_tokens=kept).pixel_values
 
 
