@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-import math
-
 from transformers import PretrainedConfig
 
+from .tokenizer_utils import TokenBudgetConfigMixin, check_int_fields, check_non_negative_fields
 
-class QGVAEConfig(PretrainedConfig):
+
+QGVAE_PRESETS: dict[str, dict] = {
+    # the reference demo notebook's CIFAR-10 model (6,228,750 trainable parameters there)
+    "cifar10-demo": dict(
+        image_size=32, num_channels=3, num_tokens=64, codeword_dim=64, codebook_size=512, downsample_factor=0,
+        num_heads=8, num_res_blocks=1, min_channels=16, max_channels=128, reset_interval=100,
+    ),
+    # the QGGAN notebook's ImageNet-128 default (26,470,942 trainable parameters there)
+    "imagenet128": dict(
+        image_size=128, num_channels=3, num_tokens=256, codeword_dim=64, codebook_size=512, downsample_factor=3,
+        num_heads=128, num_res_blocks=2, min_channels=16, max_channels=128, reset_interval=1000,
+    ),
+    # CPU-sized: 28x28 grey digits, 16 tokens x 9 bits = 18 bytes
+    "mnist-cpu": dict(
+        image_size=28, num_channels=1, num_tokens=16, codeword_dim=64, codebook_size=512, downsample_factor=1,
+        num_heads=4, num_res_blocks=1, min_channels=16, max_channels=32, reset_interval=100, token_dropout_prob=1 / 3,
+    ),
+    # CPU-sized: 32x32 colour patches, 64 tokens x 9 bits = 72 bytes (the paper's CIFAR budget)
+    "photos32-cpu": dict(
+        image_size=32, num_channels=3, num_tokens=64, codeword_dim=64, codebook_size=512, downsample_factor=1,
+        num_heads=8, num_res_blocks=1, min_channels=16, max_channels=64, reset_interval=100, token_dropout_prob=1 / 3,
+    ),
+}
+
+
+class QGVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
     r"""Configuration of a [`QGVAEModel`].
 
     An image `[B, num_channels, image_size, image_size]` in [0, 1] becomes `num_tokens` (C) global tokens, each an
@@ -35,6 +59,7 @@ class QGVAEConfig(PretrainedConfig):
     """
 
     model_type = "qgvae"
+    presets = QGVAE_PRESETS
 
     def __init__(
         self,
@@ -79,19 +104,12 @@ class QGVAEConfig(PretrainedConfig):
 
     def validate_qgvae(self) -> None:
         """Raise `ValueError` naming the field of an invalid combination."""
-        ints = (
-            "image_size", "num_channels", "num_tokens", "codebook_size", "codeword_dim", "num_heads",
-            "downsample_factor", "min_channels", "max_channels", "num_res_blocks", "num_octaves", "min_resolution",
-            "reset_interval",
+        check_int_fields(
+            self,
+            ("image_size", "num_channels", "num_tokens", "codebook_size", "codeword_dim", "num_heads", "min_channels",
+             "max_channels", "num_res_blocks", "min_resolution", "reset_interval"),
         )  # fmt: skip
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"QGVAEConfig.{name} must be an int, got {type(value).__name__} ({value!r})")
-        positive = ints[:5] + ("num_heads", "min_channels", "max_channels", "num_res_blocks", "min_resolution")
-        for name in positive + ("reset_interval",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"QGVAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_int_fields(self, ("downsample_factor", "num_octaves"), minimum=0)
         if self.num_channels not in (1, 3):
             raise ValueError(f"QGVAEConfig.num_channels must be 1 or 3, got {self.num_channels}")
         if self.codebook_size < 2:
@@ -100,8 +118,6 @@ class QGVAEConfig(PretrainedConfig):
             raise ValueError(
                 f"QGVAEConfig.num_tokens ({self.num_tokens}) must be divisible by num_heads ({self.num_heads})"
             )
-        if self.downsample_factor < 0:
-            raise ValueError(f"QGVAEConfig.downsample_factor must be >= 0, got {self.downsample_factor}")
         if self.image_size % (2**self.downsample_factor):
             raise ValueError(
                 f"QGVAEConfig.image_size ({self.image_size}) must be divisible by 2**downsample_factor "
@@ -121,9 +137,7 @@ class QGVAEConfig(PretrainedConfig):
             raise ValueError(
                 f"QGVAEConfig.min_channels ({self.min_channels}) must be <= max_channels ({self.max_channels})"
             )
-        for name in ("codebook_loss_weight", "commitment_loss_weight"):
-            if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"QGVAEConfig.{name} must be >= 0, got {getattr(self, name)}")
+        check_non_negative_fields(self, ("codebook_loss_weight", "commitment_loss_weight"))
         if not 0.0 <= float(self.token_dropout_prob) <= 1.0:
             raise ValueError(f"QGVAEConfig.token_dropout_prob must be in [0, 1], got {self.token_dropout_prob}")
 
@@ -141,45 +155,5 @@ class QGVAEConfig(PretrainedConfig):
         """Side of one token map, `image_size / 2**f`."""
         return self.image_size // 2**self.downsample_factor
 
-    @property
-    def bits_per_image(self) -> float:
-        """C * log2(K)."""
-        return self.num_tokens * math.log2(self.codebook_size)
-
-    @property
-    def bytes_per_image(self) -> int:
-        """ceil(C * log2(K) / 8): the packed payload of one image."""
-        return math.ceil(self.bits_per_image / 8 - 1e-9)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "QGVAEConfig":
-        """A named configuration: see `QGVAE_PRESETS`. Keyword arguments override preset fields."""
-        if name not in QGVAE_PRESETS:
-            raise ValueError(f"unknown QG-VAE preset {name!r}; available: {sorted(QGVAE_PRESETS)}")
-        return cls(**{**QGVAE_PRESETS[name], **overrides})
-
-
-QGVAE_PRESETS: dict[str, dict] = {
-    # the reference demo notebook's CIFAR-10 model (6,228,750 trainable parameters there)
-    "cifar10-demo": dict(
-        image_size=32, num_channels=3, num_tokens=64, codeword_dim=64, codebook_size=512, downsample_factor=0,
-        num_heads=8, num_res_blocks=1, min_channels=16, max_channels=128, reset_interval=100,
-    ),
-    # the QGGAN notebook's ImageNet-128 default (26,470,942 trainable parameters there)
-    "imagenet128": dict(
-        image_size=128, num_channels=3, num_tokens=256, codeword_dim=64, codebook_size=512, downsample_factor=3,
-        num_heads=128, num_res_blocks=2, min_channels=16, max_channels=128, reset_interval=1000,
-    ),
-    # CPU-sized: 28x28 grey digits, 16 tokens x 9 bits = 18 bytes
-    "mnist-cpu": dict(
-        image_size=28, num_channels=1, num_tokens=16, codeword_dim=64, codebook_size=512, downsample_factor=1,
-        num_heads=4, num_res_blocks=1, min_channels=16, max_channels=32, reset_interval=100, token_dropout_prob=1 / 3,
-    ),
-    # CPU-sized: 32x32 colour patches, 64 tokens x 9 bits = 72 bytes (the paper's CIFAR budget)
-    "photos32-cpu": dict(
-        image_size=32, num_channels=3, num_tokens=64, codeword_dim=64, codebook_size=512, downsample_factor=1,
-        num_heads=8, num_res_blocks=1, min_channels=16, max_channels=64, reset_interval=100, token_dropout_prob=1 / 3,
-    ),
-}
 
 __all__ = ["QGVAEConfig", "QGVAE_PRESETS"]

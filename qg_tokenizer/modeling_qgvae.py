@@ -3,71 +3,17 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
 
-from .codec import decode_batch, encode_batch, fingerprint
 from .configuration_qgvae import QGVAEConfig
 from .quantizer_qgvae import PerTokenQuantizer
-
-
-@dataclass
-class QGVAEEncoderOutput(ModelOutput):
-    """Output of [`QGVAEModel.encode`].
-
-    Attributes:
-        token_ids: `[B, C]` int64, token c indexes codebook c, values in [0, K).
-        quantized: `[B, C, D]` codewords (straight-through gradient to the encoder), before the global offset.
-        codebook_loss: scalar `mean((sg(z) - e)^2)`.
-        commitment_loss: scalar `mean((z - sg(e))^2)`.
-    """
-
-    token_ids: torch.LongTensor | None = None
-    quantized: torch.FloatTensor | None = None
-    codebook_loss: torch.FloatTensor | None = None
-    commitment_loss: torch.FloatTensor | None = None
-
-
-@dataclass
-class QGVAEDecoderOutput(ModelOutput):
-    """Output of [`QGVAEModel.decode`].
-
-    Attributes:
-        pixel_values: `[B, num_channels, H, W]` reconstruction, nominally in [0, 1] (not clamped).
-    """
-
-    pixel_values: torch.FloatTensor | None = None
-
-
-@dataclass
-class QGVAEModelOutput(ModelOutput):
-    """Output of [`QGVAEModel.forward`].
-
-    Attributes:
-        loss: `reconstruction_loss + w_cb * codebook_loss + w_commit * commitment_loss`.
-        reconstruction: `[B, num_channels, H, W]` decoded image (not clamped).
-        token_ids: `[B, C]` int64 token ids.
-        reconstruction_loss: mean squared error against the input.
-        codebook_loss: scalar, see [`QGVAEEncoderOutput`].
-        commitment_loss: scalar, see [`QGVAEEncoderOutput`].
-        token_mask: `[B, C]` 1 for tokens the decoder saw, 0 for tokens dropped by the ordering regulariser.
-    """
-
-    loss: torch.FloatTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    token_ids: torch.LongTensor | None = None
-    reconstruction_loss: torch.FloatTensor | None = None
-    codebook_loss: torch.FloatTensor | None = None
-    commitment_loss: torch.FloatTensor | None = None
-    token_mask: torch.FloatTensor | None = None
+from .tokenizer_utils import ImageTokenizerMixin, QGVAEDecoderOutput, QGVAEEncoderOutput, QGVAEModelOutput
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -302,7 +248,7 @@ class QGVAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.usage_counts)
 
 
-class QGVAEModel(QGVAEPreTrainedModel):
+class QGVAEModel(ImageTokenizerMixin, QGVAEPreTrainedModel):
     """The Quantised Global Autoencoder: an image in [0, 1] <-> C global token ids.
 
     `encode` gives token ids, `decode` rebuilds the image from all or the first k tokens, `forward` does both and
@@ -315,180 +261,6 @@ class QGVAEModel(QGVAEPreTrainedModel):
         self.quantizer = PerTokenQuantizer(config.num_tokens, config.codebook_size, config.codeword_dim)
         self.decoder = QGVAEDecoder(config)
         self.post_init()
-
-    # ----------------------------------------------------------------------------------------------- validation
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        cfg = self.config
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(
-                f"pixel_values must be a float tensor in [0, 1], got dtype {pixel_values.dtype} "
-                "(use QGVAEImageProcessor to convert uint8 images)"
-            )
-        expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape [batch, {', '.join(map(str, expected))}] (channels, height, width), "
-                f"got {list(pixel_values.shape)}"
-            )
-        if not torch.isfinite(pixel_values).all():
-            raise ValueError("pixel_values contains NaN or Inf")
-        low, high = pixel_values.aminmax()
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(
-                f"pixel_values must be in [0, 1] (no normalisation), got values in [{low.item():.3g}, {high.item():.3g}]"
-            )
-
-    def _check_token_ids(self, token_ids: torch.Tensor) -> None:
-        cfg = self.config
-        if not isinstance(token_ids, torch.Tensor):
-            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
-            raise TypeError(f"token_ids must be an integer tensor, got dtype {token_ids.dtype}")
-        if token_ids.ndim != 2 or token_ids.shape[1] != cfg.num_tokens:
-            raise ValueError(f"token_ids must have shape [batch, {cfg.num_tokens}], got {list(token_ids.shape)}")
-        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= cfg.codebook_size):
-            raise ValueError(
-                f"token_ids must be in [0, {cfg.codebook_size}), got values in "
-                f"[{token_ids.min().item()}, {token_ids.max().item()}]"
-            )
-
-    def _token_mask(self, num_tokens: int | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
-        """`[B, C]` float mask keeping the first `num_tokens` tokens (int, or `[B]` per image), or None for all."""
-        if num_tokens is None:
-            return None
-        c = self.config.num_tokens
-        counts = torch.as_tensor(num_tokens, device=device)
-        if counts.is_floating_point() or counts.ndim > 1 or (counts.ndim == 1 and counts.shape[0] != batch):
-            raise ValueError(f"num_tokens must be an int or a [batch] integer tensor, got {num_tokens!r}")
-        if counts.numel() and (counts.min() < 1 or counts.max() > c):
-            raise ValueError(f"num_tokens must be in [1, {c}], got {num_tokens!r}")
-        return (torch.arange(c, device=device) < counts.reshape(-1, 1)).float().expand(batch, c)
-
-    # ----------------------------------------------------------------------------------------------- public API
-    @property
-    def bits_per_image(self) -> float:
-        """C * log2(K) bits per image."""
-        return self.config.bits_per_image
-
-    @property
-    def bytes_per_image(self) -> int:
-        """ceil(C * log2(K) / 8) payload bytes per image."""
-        return self.config.bytes_per_image
-
-    def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> QGVAEEncoderOutput | tuple:
-        """`[B, ch, H, W]` in [0, 1] -> token ids `[B, C]` (+ quantized latents and VQ losses)."""
-        self._check_pixel_values(pixel_values)
-        quantizer_output = self.quantizer(self.encoder(pixel_values))
-        output = QGVAEEncoderOutput(
-            token_ids=quantizer_output.token_ids,
-            quantized=quantizer_output.quantized,
-            codebook_loss=quantizer_output.codebook_loss,
-            commitment_loss=quantizer_output.commitment_loss,
-        )
-        return output if return_dict else output.to_tuple()
-
-    def decode_latents(self, quantized: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, C, D]` codewords (+ global offset added here; dropped tokens zeroed after it) -> `[B, ch, H, W]`."""
-        latents = quantized + self.quantizer.global_offset.to(quantized.dtype)
-        if token_mask is not None:
-            latents = latents * token_mask.to(latents.dtype).unsqueeze(-1)
-        return self.decoder(latents.to(self.decoder.projection.weight.dtype))
-
-    def decode(
-        self, token_ids: torch.Tensor, num_tokens: int | torch.Tensor | None = None, return_dict: bool = True
-    ) -> QGVAEDecoderOutput | tuple:
-        """Token ids `[B, C]` -> image `[B, ch, H, W]`; `num_tokens=k` decodes from the first k tokens only."""
-        self._check_token_ids(token_ids)
-        mask = self._token_mask(num_tokens, token_ids.shape[0], token_ids.device)
-        pixel_values = self.decode_latents(self.quantizer.lookup(token_ids.long()), mask)
-        output = QGVAEDecoderOutput(pixel_values=pixel_values)
-        return output if return_dict else output.to_tuple()
-
-    def token_dropout_mask(
-        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """`[B, C]` ordering mask: with prob `token_dropout_prob` a sample keeps only a prefix of n ~ U{1..C-1}."""
-        c, p = self.config.num_tokens, self.config.token_dropout_prob
-        drop = torch.rand(batch_size, generator=generator, device=device) < p
-        keep = torch.randint(1, max(c, 2), (batch_size,), generator=generator, device=device)
-        keep = torch.where(drop & (c > 1), keep, torch.full_like(keep, c))
-        return (torch.arange(c, device=device) < keep[:, None]).float()
-
-    def forward(
-        self, pixel_values: torch.Tensor, token_mask: torch.Tensor | None = None, return_dict: bool | None = None
-    ) -> QGVAEModelOutput | tuple:
-        """Encode, quantise and decode `[B, ch, H, W]` in [0, 1]; returns the reconstruction and training loss.
-
-        In training mode the ordering regulariser drops token suffixes (`token_dropout_prob`) unless `token_mask`
-        `[B, C]` is given.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        encoded = self.encode(pixel_values)
-        if token_mask is None and self.training and self.config.token_dropout_prob > 0:
-            token_mask = self.token_dropout_mask(pixel_values.shape[0], pixel_values.device)
-        reconstruction = self.decode_latents(encoded.quantized, token_mask)
-        reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
-        loss = (
-            reconstruction_loss
-            + self.config.codebook_loss_weight * encoded.codebook_loss
-            + self.config.commitment_loss_weight * encoded.commitment_loss
-        )
-        output = QGVAEModelOutput(
-            loss=loss,
-            reconstruction=reconstruction,
-            token_ids=encoded.token_ids,
-            reconstruction_loss=reconstruction_loss,
-            codebook_loss=encoded.codebook_loss,
-            commitment_loss=encoded.commitment_loss,
-            token_mask=token_mask,
-        )
-        return output if return_dict else output.to_tuple()
-
-    # ------------------------------------------------------------------------------------- codebook maintenance
-    def accumulate_reset_statistic(self) -> None:
-        """Add this step's mean |dL/dE| to the reset statistic; call after each (unscaled) autoencoder backward."""
-        self.quantizer.accumulate_reset_statistic()
-
-    def voronoi_reset(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Run the Voronoi codebook reset on the (already reduced) statistic; returns `[C]` resets per token."""
-        return self.quantizer.voronoi_reset(generator)
-
-    def codebook_usage(self) -> dict[str, torch.Tensor]:
-        """Per-token `used_fraction`, `perplexity` and `dead` count from the training usage counts."""
-        return self.quantizer.codebook_usage()
-
-    # ---------------------------------------------------------------------------------------------- compression
-    def codebook_fingerprint(self) -> bytes:
-        """8 bytes identifying this model's codebooks and offsets (written into every compressed stream)."""
-        return fingerprint(
-            self.quantizer.codebook.detach().float().cpu().numpy(),
-            self.quantizer.global_offset.detach().float().cpu().numpy(),
-        )
-
-    @torch.no_grad()
-    def compress(self, pixel_values: torch.Tensor, num_tokens: int | None = None) -> list[bytes]:
-        """`[B, ch, H, W]` in [0, 1] -> one byte stream per image (header + ceil(k log2 K / 8) payload bytes)."""
-        token_ids = self.encode(pixel_values).token_ids.cpu().numpy()
-        return encode_batch(token_ids, self.config.codebook_size, self.codebook_fingerprint(), num_tokens)
-
-    @torch.no_grad()
-    def decompress(self, streams: list[bytes]) -> torch.Tensor:
-        """Byte streams from `compress` (possibly truncated to a prefix) -> images `[B, ch, H, W]` (not clamped)."""
-        decoded = decode_batch(
-            streams,
-            codebook_size=self.config.codebook_size,
-            num_tokens=self.config.num_tokens,
-            fingerprint=self.codebook_fingerprint(),
-        )
-        token_ids = np.zeros((len(decoded), self.config.num_tokens), dtype=np.int64)
-        for row, stream in enumerate(decoded):
-            token_ids[row, : stream.num_kept] = stream.token_ids
-        device = self.quantizer.codebook.device
-        kept = torch.tensor([stream.num_kept for stream in decoded], device=device)
-        token_ids = torch.from_numpy(token_ids).to(device)
-        return self.decode(token_ids, num_tokens=kept).pixel_values
 
 
 __all__ = [

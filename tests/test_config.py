@@ -33,7 +33,7 @@ def test_presets_and_overrides():
     assert (config.num_heads, config.num_res_blocks, config.max_channels, config.reset_interval) == (8, 1, 128, 7)
     assert config.token_map_size == 32
     assert QGVAEConfig.from_preset("imagenet128").token_map_size == 16
-    with pytest.raises(ValueError, match="unknown QG-VAE preset 'nope'"):
+    with pytest.raises(ValueError, match="unknown QGVAEConfig preset 'nope'"):
         QGVAEConfig.from_preset("nope")
 
 
