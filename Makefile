@@ -15,6 +15,6 @@ demo: install
 	$(BIN)/python -m qg_tokenizer.demo
 
 test: install
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
 
 .PHONY: install demo test

@@ -1,4 +1,5 @@
-"""Datasets: the embedded 10k-digit MNIST subset and local `.npz` image files, as `datasets.DatasetDict`s."""
+"""Datasets: the embedded 10k-digit MNIST subset, local `.npz` files, image folders, `save_to_disk` folders and hub
+data sets, as `datasets` objects."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    IterableDataset,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
 
 MNIST_PATH = Path(__file__).parent / "data" / "mnist10k.npz"
 MNIST_NUM_TRAIN = 9000
@@ -86,4 +97,69 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
     )
 
 
-__all__ = ["MNIST_PATH", "load_embedded_mnist", "load_npz_dataset"]
+EMBEDDED_MNIST = "embedded-mnist"
+
+
+def _load_splits(source: str, streaming: bool, name: str | None) -> DatasetDict | dict:
+    """All splits of `source` (see [`load_image_dataset`]) as a split name -> data set mapping."""
+    if source == EMBEDDED_MNIST:
+        return load_embedded_mnist()
+    path = Path(source)
+    if source.endswith(".npz"):
+        return load_npz_dataset(path)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        data = load_from_disk(source)
+        if not isinstance(data, DatasetDict):
+            raise ValueError(f"{source!r} holds a single Dataset; save a DatasetDict with named splits instead")
+        return data
+    if path.is_dir():
+        return load_dataset("imagefolder", data_dir=source, streaming=streaming)
+    if path.suffix or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no data set file or folder at {source!r}")
+    return load_dataset(source, name, streaming=streaming)
+
+
+def load_image_dataset(
+    source: str | os.PathLike = EMBEDDED_MNIST,
+    split: str = "train",
+    image_column: str = "image",
+    streaming: bool = False,
+    name: str | None = None,
+    num_shards: int = 1,
+) -> Dataset | IterableDataset:
+    """One split of an image data set, reduced to its image column.
+
+    Args:
+        source: `"embedded-mnist"` (the packaged digits), a `.npz` file (see [`load_npz_dataset`]), a folder written
+            by `save_to_disk` (a `DatasetDict`), an image folder (the `imagefolder` builder: `train/`, `test/`
+            subfolders, optionally with class subfolders) or a hub data set name.
+        split: the split to return, e.g. `"train"` or `"test"`.
+        image_column: the column holding the images (an `Image` feature).
+        streaming: return an `IterableDataset`; hub data sets and image folders stream without being downloaded or
+            decoded first, the other sources are converted with `num_shards` shards (for per-process sharding).
+        name: the hub data set's configuration name, if it has several.
+        num_shards: shards of a converted `IterableDataset` (at least the number of processes that share it).
+    """
+    source = os.fspath(source)
+    splits = _load_splits(source, streaming, name)
+    if split not in splits:
+        raise ValueError(f"split {split!r} not found in data set {source!r}; available splits: {sorted(splits)}")
+    data = splits[split]
+    # some streamed data sets only know their columns once read
+    columns = list(data.features) if data.features is not None else list(next(iter(data)))
+    if image_column not in columns:
+        raise ValueError(
+            f"image_column {image_column!r} not found in split {split!r} of {source!r}; columns: {sorted(columns)}"
+        )
+    if data.features is not None and not isinstance(data.features[image_column], Image):
+        raise ValueError(
+            f"image_column {image_column!r} of {source!r} must be an Image feature, "
+            f"got {data.features[image_column]}"
+        )
+    data = data.select_columns([image_column])
+    if streaming and isinstance(data, Dataset):
+        data = data.to_iterable_dataset(num_shards=num_shards)
+    return data
+
+
+__all__ = ["EMBEDDED_MNIST", "MNIST_PATH", "load_embedded_mnist", "load_image_dataset", "load_npz_dataset"]

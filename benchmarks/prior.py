@@ -1,0 +1,250 @@
+"""The autoregressive prior on QG-VAE tokens versus patch VQ-VAE tokens (issue 5 part 5), embedded MNIST, 18 bytes.
+
+    python benchmarks/prior.py [--qgvae DIR] [--patch DIR] [--tokenizer-steps 2000] [--prior-steps 3000] \
+        [--layouts offset shared] [--samples-per-class 100] [--guidance 1 2 3]
+
+1. Tokenizers: `--qgvae` / `--patch` checkpoints, or trained here with `training/train.py` (the `mnist-demo` config
+   for QG-VAE, the `mnist-cpu` preset for the patch VQ-VAE: both 16 tokens x 9 bits), then the embedded digits are
+   tokenised with `tokenize_dataset` (train 9,000 / test 1,000).
+2. (a) The same prior (`training/configs/prior-mnist.yaml`, same steps and seed) trained with `training/train_prior.py`
+   on each tokenizer's tokens and in each vocabulary layout: held-out bits per image (lower is better; uniform is
+   16 * 9 = 144).
+3. (b) Class-conditional samples of each tokenizer's prior in the first layout, with every guidance scale: accuracy
+   of a small CNN trained here on the 9,000 training digits (does the sample show the requested digit?) and a
+   Frechet distance on that CNN's 128-d features against the 1,000 test digits (a "classifier FID": NOT comparable
+   to published Inception FIDs). The tokenizer's own test reconstructions give the floor of that distance.
+4. (c) Sampling speed (images/s, whole batches of `--speed-batch` images) with the KV cache versus without, timed
+   alternately.
+
+Everything goes to `--workdir` (default outputs/bench-prior; existing tokenizers, tokens and priors there are
+reused); the numbers go to benchmarks/results/prior.json and a markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from qg_tokenizer import PATCH_VQVAE_PRESETS, QGPriorForCausalLM, QGVAEPipeline
+from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH, load_embedded_mnist
+from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """`training/<name>.py` as a module (the benchmark runs the training scripts, it does not copy them)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class DigitClassifier(nn.Module):
+    """Small CNN on `[B, 1, 28, 28]` in [0, 1]; `features` gives the 128-d penultimate activations."""
+
+    num_features = 128  # read by torchmetrics' FID
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, self.num_features), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(self.num_features, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.convs(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+class ClassifierFeatures(nn.Module):
+    """The classifier's feature extractor as the `feature` module of torchmetrics' `FrechetInceptionDistance`."""
+
+    num_features = DigitClassifier.num_features
+
+    def __init__(self, classifier: DigitClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+def mnist_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The embedded digits as float `[N, 1, 28, 28]` in [0, 1] and labels: train (9,000) and test (1,000)."""
+    with np.load(MNIST_PATH) as npz:
+        images = torch.from_numpy(npz["images"]).float().div(255).unsqueeze(1)
+        labels = torch.from_numpy(npz["labels"]).long()
+    return images[:MNIST_NUM_TRAIN], labels[:MNIST_NUM_TRAIN], images[MNIST_NUM_TRAIN:], labels[MNIST_NUM_TRAIN:]
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3) -> DigitClassifier:
+    torch.manual_seed(0)
+    model = DigitClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for index in torch.randperm(len(images)).split(128):
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    predictions = torch.cat([classifier(batch).argmax(-1) for batch in images.split(500)])
+    return (predictions == labels).float().mean().item()
+
+
+@torch.no_grad()
+def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.Tensor) -> float:
+    fid = FrechetInceptionDistance(feature=ClassifierFeatures(classifier), normalize=True)
+    for batch in real.split(500):
+        fid.update(batch, real=True)
+    for batch in fake.split(500):
+        fid.update(batch, real=False)
+    return fid.compute().item()
+
+
+def train_tokenizer(name: str, output_dir: Path, steps: int) -> None:
+    """Train the QG-VAE (`mnist-demo` config) or the patch VQ-VAE (`mnist-cpu` preset) with training/train.py."""
+    train = load_script("train")
+    common = [f"output_dir={output_dir}", f"max_steps={steps}", "max_train_time=null", "report_to=none"]
+    if name == "qgvae":
+        train.main(["--config", str(REPO / "training" / "configs" / "mnist-demo.yaml"), *common])
+    else:  # same optimisation keys as mnist-demo.yaml, the patch model instead of the QG-VAE
+        model = ["model.model_type=patch_vqvae"] + [
+            f"model.{key}={json.dumps(value)}" for key, value in PATCH_VQVAE_PRESETS["mnist-cpu"].items()
+        ]
+        train.main([*model, *common, "batch_size=32", "learning_rate=2e-4", "eval_every=500", "max_eval_samples=500"])
+
+
+@torch.no_grad()
+def reconstructions(tokenizer, images: torch.Tensor) -> torch.Tensor:
+    decoded = [tokenizer.decode(tokenizer.encode(batch).token_ids).pixel_values for batch in images.split(250)]
+    return torch.cat(decoded).clamp(0, 1)
+
+
+def sampling_speed(prior: QGPriorForCausalLM, batch: int, repeats: int) -> dict[str, float]:
+    """Images per second of `generate_image_tokens` with and without the KV cache, timed alternately (median)."""
+    labels = torch.arange(batch) % prior.config.num_classes
+    times = {True: [], False: []}
+    for round_ in range(repeats + 1):
+        for use_cache in times:
+            start = time.perf_counter()
+            prior.generate_image_tokens(labels, use_cache=use_cache, generator=torch.Generator().manual_seed(round_))
+            if round_:  # the first round warms up
+                times[use_cache].append(time.perf_counter() - start)
+    cached, uncached = (batch / statistics.median(times[c]) for c in (True, False))
+    return {"images_per_s_kv_cache": cached, "images_per_s_no_cache": uncached, "speedup": cached / uncached}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qgvae", type=Path, help="a trained QG-VAE folder (default: train one in the workdir)")
+    parser.add_argument("--patch", type=Path, help="a trained patch VQ-VAE folder (default: train one)")
+    parser.add_argument("--tokenizer-steps", type=int, default=2000)
+    parser.add_argument("--prior-steps", type=int, default=3000)
+    parser.add_argument("--layouts", nargs="+", default=["offset", "shared"], choices=["offset", "shared"])
+    parser.add_argument("--prior-overrides", nargs="*", default=[], help="more train_prior.py key=value overrides")
+    parser.add_argument("--samples-per-class", type=int, default=100)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--speed-batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench-prior")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "prior.json")
+    args = parser.parse_args()
+    datasets.disable_progress_bars()
+    train_prior = load_script("train_prior")
+    train_images, train_labels, test_images, test_labels = mnist_tensors()
+
+    tokenizers = {}
+    for name, given in (("qgvae", args.qgvae), ("patch", args.patch)):
+        path = given or args.workdir / f"tokenizer-{name}"
+        if not (path / "config.json").is_file():
+            train_tokenizer(name, path, args.tokenizer_steps)
+        tokenizers[name] = path
+        tokens = args.workdir / f"tokens-{name}"
+        if not (tokens / "dataset_dict.json").is_file():
+            tokenize_dataset(load_embedded_mnist(), *load_tokenizer(path), keep_columns=["label"]).save_to_disk(tokens)
+
+    results = {"prior_steps": args.prior_steps, "layouts": args.layouts, "bits_per_image": {}, "samples": {}}
+    priors = {}
+    for name, path in tokenizers.items():
+        for layout in args.layouts:
+            run = args.workdir / f"prior-{name}-{layout}"
+            if not (run / "results.json").is_file():
+                train_prior.main([
+                    "--config", str(REPO / "training" / "configs" / "prior-mnist.yaml"), f"output_dir={run}",
+                    f"tokens={args.workdir / f'tokens-{name}'}", f"tokenizer={path}", f"model.vocab_layout={layout}",
+                    f"max_steps={args.prior_steps}", "max_train_time=null", "report_to=none", *args.prior_overrides,
+                ])  # fmt: skip
+            run_results = json.loads((run / "results.json").read_text())
+            results["bits_per_image"][f"{name}/{layout}"] = {
+                key: run_results["eval"][key] for key in ("bits_per_image", "bits_per_image_null")
+            } | {"train_time": run_results["train_time"], "num_parameters": run_results["num_parameters"]}
+            priors.setdefault(name, run)
+
+    classifier = train_classifier(train_images, train_labels)
+    results["classifier_test_accuracy"] = accuracy(classifier, test_images, test_labels)
+    results["classifier_fid_train_vs_test"] = classifier_fid(classifier, test_images, train_images[:1000])
+    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    for name, run in priors.items():
+        pipe = QGVAEPipeline.from_pretrained(run / "pipeline")
+        entry = {"layout": pipe.prior.config.vocab_layout}
+        entry["reconstruction_fid"] = classifier_fid(classifier, test_images, reconstructions(pipe.vqvae, test_images))
+        for scale in args.guidance:
+            images = pipe(
+                labels.tolist(), guidance_scale=scale, generator=torch.Generator().manual_seed(0), output_type="pt"
+            ).images
+            entry[f"guidance_{scale:g}"] = {
+                "accuracy": accuracy(classifier, images, labels),
+                "classifier_fid": classifier_fid(classifier, test_images, images),
+            }
+        entry["speed"] = sampling_speed(pipe.prior, args.speed_batch, args.repeats)
+        results["samples"][name] = entry
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2))
+    print("\n| tokens | layout | held-out bits/image | given null token |\n|---|---|---|---|")
+    for key, value in results["bits_per_image"].items():
+        print(f"| {key.replace('/', ' | ')} | {value['bits_per_image']:.2f} | {value['bits_per_image_null']:.2f} |")
+    print(
+        f"\nclassifier: test accuracy {results['classifier_test_accuracy']:.4f}; classifier FID between 1,000 "
+        f"training and the 1,000 test digits: {results['classifier_fid_train_vs_test']:.2f}"
+    )
+    print("\n| tokens | guidance | accuracy | classifier FID |\n|---|---|---|---|")
+    for name, entry in results["samples"].items():
+        print(f"| {name} reconstructions | - | - | {entry['reconstruction_fid']:.2f} |")
+        for scale in args.guidance:
+            sample = entry[f"guidance_{scale:g}"]
+            print(f"| {name} | {scale:g} | {sample['accuracy']:.3f} | {sample['classifier_fid']:.2f} |")
+    for name, entry in results["samples"].items():
+        speed = entry["speed"]
+        print(
+            f"{name}: {speed['images_per_s_kv_cache']:.0f} images/s with the KV cache, "
+            f"{speed['images_per_s_no_cache']:.0f} without ({speed['speedup']:.2f}x)"
+        )
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

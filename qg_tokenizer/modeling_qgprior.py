@@ -1,0 +1,310 @@
+"""Autoregressive prior over QG-VAE global tokens: transformers' Llama decoder, a class token, per-position codebooks.
+
+Attention, the KV cache, SDPA and `generate()` (sampling, temperature, top-k/top-p, classifier-free guidance) are
+transformers' own; this file adds the sequence layout, the per-position codebook mask and the class-token dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,  # noqa: F401  diffusers' pipeline loader looks this name up in the component's module
+)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+
+from .configuration_qgprior import QGPriorConfig
+
+ClassLabels = int | Sequence[int] | torch.Tensor | None
+
+
+def codebook_offsets(config: QGPriorConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """`[C]` first vocabulary id of each image position's codebook: `c * K` ("offset") or 0 ("shared")."""
+    step = config.codebook_size if config.vocab_layout == "offset" else 0
+    return torch.arange(config.num_image_tokens, device=device) * step
+
+
+class QGPriorCodebookLogitsProcessor(LogitsProcessor):
+    r"""Keeps only the K ids of codebook c at image step c, so sampling can only emit valid tokens.
+
+    The step is read off the sequence length (`c = input_ids.shape[-1] - 1`, one conditioning token first), so
+    prompts that already hold some image tokens are continued correctly. Like Bark's
+    `AlternatingCodebooksLogitsProcessor`, every other id gets `-inf`.
+
+    Args:
+        config: the prior's [`QGPriorConfig`].
+    """
+
+    def __init__(self, config: QGPriorConfig):
+        self.num_image_tokens = config.num_image_tokens
+        self.codebook_size = config.codebook_size
+        self.offsets = codebook_offsets(config).tolist()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[-1] - 1
+        if not 0 <= step < self.num_image_tokens:
+            raise ValueError(
+                f"the prior generates image tokens 0..{self.num_image_tokens - 1} after one conditioning token, but "
+                f"was asked for token {step} (sequence length {input_ids.shape[-1]}): use max_length <= "
+                f"{self.num_image_tokens + 1} or max_new_tokens <= {self.num_image_tokens + 1 - input_ids.shape[-1]}"
+            )
+        low = self.offsets[step]
+        processed = torch.full_like(scores, -float("inf"))
+        processed[:, low : low + self.codebook_size] = scores[:, low : low + self.codebook_size]
+        return processed
+
+
+class QGPriorForCausalLM(LlamaForCausalLM, GenerationMixin):
+    r"""Class-conditional autoregressive prior over C image tokens, on transformers' [`LlamaForCausalLM`].
+
+    A sequence is `[cond, t_0, ..., t_{C-1}]` (see [`QGPriorConfig`] for the id layout). `forward(input_ids,
+    labels=input_ids)` returns the mean negative log-likelihood (nats per image token) of the image tokens under the
+    model's distribution restricted to each position's codebook, the distribution `generate()` samples from; in
+    training mode the class token is replaced by the null token with probability `class_dropout_prob` first.
+    `generate()` always applies [`QGPriorCodebookLogitsProcessor`]; `guidance_scale=s` runs classifier-free guidance
+    with the null token as the unconditional branch (transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor`).
+    [`generate_image_tokens`] wraps it: class labels in, `[B, C]` codes in [0, K) out.
+    """
+
+    config_class = QGPriorConfig
+    config: QGPriorConfig
+
+    def __init__(self, config: QGPriorConfig):
+        super().__init__(config)
+        # the shared layout's ids say nothing about the position, so it gets learned absolute position embeddings
+        self.position_embedding = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.vocab_layout == "shared"
+            else None
+        )
+        # a sequence is exactly 1 + C tokens, and an image prior samples from its full distribution by default
+        # (not greedily, and without transformers' global top_k=50 default)
+        self.generation_config.max_length = config.max_position_embeddings
+        self.generation_config.do_sample = True
+        self.generation_config.top_k = 0
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------ sequence layout
+    def conditioning_ids(
+        self, class_labels: ClassLabels = None, batch_size: int | None = None, device: torch.device | str | None = None
+    ) -> torch.LongTensor:
+        """`[B, 1]` conditioning tokens: class tokens of `class_labels` (`[B]`, or one int repeated `batch_size`
+        times), or `batch_size` null tokens if None (`batch_size` defaults to 1)."""
+        cfg = self.config
+        device = self.device if device is None else device
+        if class_labels is None:
+            batch_size = 1 if batch_size is None else batch_size
+            if not cfg.has_null_token:
+                raise ValueError(
+                    "class_labels is required: this prior is class-conditional and was trained without a null token "
+                    f"(class_dropout_prob={cfg.class_dropout_prob}), so it cannot sample unconditionally"
+                )
+            return torch.full((batch_size, 1), cfg.null_token_id, dtype=torch.long, device=device)
+        if cfg.num_classes == 0:
+            raise ValueError(
+                f"this prior is unconditional (num_classes=0): class_labels must be None, got {class_labels!r}"
+            )
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim > 1:
+            raise TypeError(f"class_labels must be an int or a 1-D integer sequence/tensor, got {class_labels!r}")
+        if labels.ndim == 0:
+            labels = labels.reshape(1).expand(1 if batch_size is None else batch_size)
+        elif batch_size is not None and len(labels) != batch_size:
+            raise ValueError(f"class_labels must have batch_size={batch_size} entries, got {len(labels)}")
+        labels = labels.long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+            raise ValueError(
+                f"class_labels must be in [0, {cfg.num_classes}) (the prior's classes: {cfg.id2label}), got "
+                f"values in [{labels.min().item()}, {labels.max().item()}]"
+            )
+        return (labels + cfg.image_vocab_size)[:, None]
+
+    def prepare_input_ids(self, token_ids: torch.Tensor, class_labels: ClassLabels = None) -> torch.LongTensor:
+        """Codes `[B, k]` in [0, K) (k <= C, a prefix of the tokens) + labels -> sequences `[B, 1 + k]`."""
+        cfg = self.config
+        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
+            raise TypeError(f"token_ids must be an integer torch.Tensor, got {token_ids!r:.80}")
+        if token_ids.ndim != 2 or token_ids.shape[1] > cfg.num_image_tokens:
+            raise ValueError(
+                f"token_ids must have shape [batch, k] with k <= num_image_tokens={cfg.num_image_tokens}, got "
+                f"{list(token_ids.shape)}"
+            )
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= cfg.codebook_size):
+            raise ValueError(
+                f"token_ids must be in [0, {cfg.codebook_size}), got values in "
+                f"[{token_ids.min().item()}, {token_ids.max().item()}]"
+            )
+        cond = self.conditioning_ids(class_labels, token_ids.shape[0], token_ids.device)
+        offsets = codebook_offsets(cfg, token_ids.device)[: token_ids.shape[1]]
+        return torch.cat((cond, token_ids.long() + offsets), dim=1)
+
+    def image_token_ids(self, sequences: torch.Tensor) -> torch.LongTensor:
+        """Sequences `[B, 1 + k]` (`generate` output) -> codes `[B, k]` in [0, K), token c from codebook c."""
+        offsets = codebook_offsets(self.config, sequences.device)[: sequences.shape[1] - 1]
+        return sequences[:, 1:] - offsets
+
+    def drop_class_tokens(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Replace each sequence's class token by the null token with probability `class_dropout_prob` (CFG)."""
+        drop = torch.rand(input_ids.shape[0], device=input_ids.device) < self.config.class_dropout_prob
+        return torch.cat((input_ids[:, :1].masked_fill(drop[:, None], self.config.null_token_id), input_ids[:, 1:]), 1)
+
+    # ------------------------------------------------------------------------------------------------- forward
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """[`LlamaForCausalLM.forward`] with the codebook-restricted loss; the KV cache passes through `kwargs`
+        (`cache=` in transformers >= 5.24, `past_key_values=` before).
+
+        Args:
+            input_ids: `[B, T]` sequences, T <= C + 1, starting with the conditioning token (when not continuing a
+                cache).
+            labels: `[B, T]`, usually `input_ids`; -100 ignores a position; the conditioning token is never
+                predicted. `loss` is the mean NLL in nats per image token.
+        """
+        if labels is not None and input_ids is not None and self.training and self.config.class_dropout_prob > 0:
+            input_ids = self.drop_class_tokens(input_ids)
+        if self.position_embedding is not None:
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.get_input_embeddings()(input_ids), None
+            if position_ids is None:
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
+                start = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            inputs_embeds = inputs_embeds + self.position_embedding(position_ids)
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        if labels is not None:
+            nll = self.token_nll(outputs.logits, labels)
+            outputs.loss = nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
+        return outputs
+
+    def token_nll(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """`[B, T, V]` logits and `[B, T]` label sequences -> `[B, T - 1]` NLL (nats) of each image token under the
+        softmax over its codebook's K ids (0 where the label is -100)."""
+        cfg = self.config
+        targets = labels[:, 1:]  # (B, T-1): image tokens 0..T-2
+        if targets.shape[1] > cfg.num_image_tokens:
+            raise ValueError(f"labels must have at most {cfg.num_image_tokens + 1} columns, got {labels.shape[1]}")
+        offsets = codebook_offsets(cfg, logits.device)[: targets.shape[1]]
+        index = offsets[:, None] + torch.arange(cfg.codebook_size, device=logits.device)  # (T-1, K)
+        image_logits = logits[:, :-1].float().gather(-1, index.expand(logits.shape[0], -1, -1))  # (B, T-1, K)
+        ignore = targets == -100
+        codes = (targets - offsets).masked_fill(ignore, -100)
+        if ((codes < 0) | (codes >= cfg.codebook_size))[~ignore].any():
+            raise ValueError(
+                f"labels[:, 1 + c] must be an id of codebook c, in [offset_c, offset_c + {cfg.codebook_size}) "
+                f"({cfg.vocab_layout} layout), or -100"
+            )
+        return F.cross_entropy(image_logits.transpose(1, 2), codes, reduction="none", ignore_index=-100)
+
+    @torch.no_grad()
+    def bits_per_image(self, token_ids: torch.Tensor, class_labels: ClassLabels = None) -> torch.Tensor:
+        """`[B]` negative log2-likelihood of each image's tokens `[B, k]` given its class (null token if None)."""
+        input_ids = self.prepare_input_ids(token_ids, class_labels)
+        logits = self(input_ids, use_cache=False).logits
+        return self.token_nll(logits, input_ids).sum(1) / math.log(2)
+
+    # ---------------------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """[`GenerationMixin.generate`] with the codebook mask always on and the null token as the default
+        `negative_prompt_ids` of classifier-free guidance (`guidance_scale=s`, s != 1).
+
+        Args:
+            inputs: `[B, L]` prompts, 1 <= L <= C: a conditioning token, then optionally image tokens to continue.
+                Default: one null token (unconditional).
+        """
+        cfg = self.config
+        inputs = kwargs.pop("input_ids", None) if inputs is None else inputs
+        inputs = self.conditioning_ids(None, 1) if inputs is None else inputs
+        if inputs.ndim != 2 or not 1 <= inputs.shape[1] <= cfg.num_image_tokens:
+            raise ValueError(
+                f"inputs must be [batch, L] prompts with 1 <= L <= {cfg.num_image_tokens}, got {list(inputs.shape)}"
+            )
+        if ((inputs[:, 0] < cfg.image_vocab_size) | (inputs[:, 0] > cfg.null_token_id)).any():
+            raise ValueError(
+                f"inputs[:, 0] must be conditioning tokens: class tokens {cfg.image_vocab_size}.."
+                f"{cfg.null_token_id - 1} or the null token {cfg.null_token_id} (see `conditioning_ids`)"
+            )
+        if not cfg.has_null_token and (inputs[:, 0] == cfg.null_token_id).any():
+            raise ValueError(
+                "inputs[:, 0] holds the null token, but this prior was trained without it "
+                f"(class_dropout_prob={cfg.class_dropout_prob}): start with a class token"
+            )
+        scale = kwargs.get("guidance_scale", (generation_config or self.generation_config).guidance_scale)
+        if scale is not None and scale != 1:
+            if cfg.num_classes == 0 or cfg.class_dropout_prob == 0:
+                raise ValueError(
+                    f"guidance_scale={scale} needs a class-conditional prior trained with class dropout (the null "
+                    f"token is the unconditional branch); this prior has num_classes={cfg.num_classes}, "
+                    f"class_dropout_prob={cfg.class_dropout_prob}: use guidance_scale=1"
+                )
+            if kwargs.get("negative_prompt_ids") is None:
+                kwargs["negative_prompt_ids"] = inputs.clone().index_fill_(1, inputs.new_zeros(1), cfg.null_token_id)
+        processors = LogitsProcessorList([QGPriorCodebookLogitsProcessor(cfg), *(logits_processor or [])])
+        return super().generate(inputs, generation_config, logits_processor=processors, **kwargs)
+
+    @torch.no_grad()
+    def generate_image_tokens(
+        self,
+        class_labels: ClassLabels = None,
+        batch_size: int | None = None,
+        num_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Sample image tokens: `[B, num_tokens]` codes in [0, K), token c from codebook c.
+
+        Args:
+            class_labels: `[B]` labels in [0, num_classes), or one int for `batch_size` images; None samples
+                `batch_size` (default 1) images unconditionally.
+            num_tokens: sample only the first k tokens (default C); the prefix equals that of a full sample drawn
+                with the same seed.
+            generator: seeds the sampling (one seed is drawn from it, so successive calls differ); None uses the
+                global RNG.
+            generate_kwargs: `guidance_scale`, `temperature`, `top_k`, `top_p`, ... as for `generate`.
+        """
+        num_tokens = self.config.num_image_tokens if num_tokens is None else num_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int or None, got {num_tokens!r}")
+        if not 1 <= num_tokens <= self.config.num_image_tokens:
+            raise ValueError(f"num_tokens must be in [1, {self.config.num_image_tokens}], got {num_tokens}")
+        input_ids = self.conditioning_ids(class_labels, batch_size)
+        if generator is None:
+            return self.image_token_ids(self.generate(input_ids, max_length=num_tokens + 1, **generate_kwargs))
+        # `generate` samples from the global RNG: seed it from `generator` inside a forked RNG state
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            sequences = self.generate(input_ids, max_length=num_tokens + 1, **generate_kwargs)
+        return self.image_token_ids(sequences)
+
+
+__all__ = ["QGPriorCodebookLogitsProcessor", "QGPriorForCausalLM", "codebook_offsets"]

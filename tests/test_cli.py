@@ -1,0 +1,276 @@
+"""The `qg-tokenizer` console script: end to end in a subprocess, every command and every bad input in-process."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers.utils import logging
+
+from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
+from qg_tokenizer.cli import CLIError, main
+from qg_tokenizer.codec import HEADER_NUM_BYTES
+from qg_tokenizer.data import load_embedded_mnist
+from qg_tokenizer.visualize import prefix_lengths
+from tests.conftest import tiny_config
+from tests.hub_utils import lay_out_hf_cache
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("qg-tokenizer")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def save_model(path: Path, seed: int = 0, **overrides) -> QGVAEModel:
+    torch.manual_seed(seed)
+    model = QGVAEModel(tiny_config(**{"codebook_size": 300, **overrides})).eval()
+    model.save_pretrained(path)
+    QGVAEImageProcessor.from_model_config(model.config).save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny model (C=8, K=300) in `model/`, models that differ from it, and three digits as PNG files."""
+    root = tmp_path_factory.mktemp("cli")
+    save_model(root / "model")
+    save_model(root / "other-weights", seed=1)
+    save_model(root / "other-c", num_tokens=4)
+    save_model(root / "other-k", codebook_size=64)
+    for i, example in enumerate(load_embedded_mnist()["test"].select(range(3))):
+        example["image"].save(root / f"digit{i}.png")
+    (root / "notes.txt").write_text("not an image\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(workspace) -> QGVAEModel:
+    return QGVAEModel.from_pretrained(workspace / "model").eval()
+
+
+@pytest.fixture(scope="module")
+def processor(workspace) -> QGVAEImageProcessor:
+    return QGVAEImageProcessor.from_pretrained(workspace / "model")
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch) -> Path:
+    """An empty output folder, also the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def cli(capsys, workspace):
+    """Run `main(argv)` in-process (paths relative to the workspace); returns (exit status, stdout, stderr)."""
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop what the test printed before
+        status = main([str(workspace / a) if (workspace / a).exists() and a != "." else a for a in argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    yield run
+    logging.set_verbosity(verbosity)  # main() quietens transformers for the process
+    if bars:
+        logging.enable_progress_bar()
+
+
+def pixels(processor, path: Path) -> torch.Tensor:
+    return processor(PIL.Image.open(path), return_tensors="pt")["pixel_values"]
+
+
+def png_array(image: PIL.Image.Image | Path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(image) if isinstance(image, Path) else image)
+
+
+# ----------------------------------------------------------------------------------------------- subprocess
+def test_console_script_compresses_and_decompresses_a_prefix(workspace, model, processor, out, tmp_path_factory):
+    assert CONSOLE_SCRIPT.exists(), "run `pip install -e .` to create the qg-tokenizer console script"
+    hf_home = tmp_path_factory.mktemp("hf")
+    lay_out_hf_cache(workspace / "model", hf_home, "some-org/qgvae-tiny")  # the repo id resolves offline
+    model_dir, digit = str(workspace / "model"), str(workspace / "digit0.png")
+    run = [str(CONSOLE_SCRIPT), "compress", digit, "--model", "some-org/qgvae-tiny", "-o", "digit.qgt"]
+    env = {**ENV, "HF_HOME": str(hf_home)}
+    result = subprocess.run(run, capture_output=True, text=True, env=env, cwd=out, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = (out / "digit.qgt").read_bytes()
+    assert data == model.compress(pixels(processor, workspace / "digit0.png"))[0]
+    assert len(data) == HEADER_NUM_BYTES + 9  # ceil(8 * log2(300) / 8)
+
+    run = [str(CONSOLE_SCRIPT), "decompress", "digit.qgt", "--model", model_dir, "-o", "prefix.png", "--num-tokens=4"]
+    result = subprocess.run(run, capture_output=True, text=True, env=ENV, cwd=out, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        token_ids = model.encode(pixels(processor, workspace / "digit0.png")).token_ids
+        expected = processor.postprocess(model.decode(token_ids, num_tokens=4).pixel_values)[0]
+    np.testing.assert_array_equal(png_array(out / "prefix.png"), png_array(expected))
+    assert sorted(os.listdir(out)) == ["digit.qgt", "prefix.png"]
+
+
+def test_console_script_error_is_one_line_without_traceback_or_output(workspace, model, processor, out):
+    (out / "cut.qgt").write_bytes(model.compress(pixels(processor, workspace / "digit0.png"))[0][:-2])
+    run = [str(CONSOLE_SCRIPT), "decompress", "cut.qgt", "--model", str(workspace / "model"), "-o", "image.png"]
+    result = subprocess.run(run, capture_output=True, text=True, env=ENV, cwd=out, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "qg-tokenizer decompress: error: 'cut.qgt': truncated payload: 7 bytes, the header implies 9"
+    ]
+    assert os.listdir(out) == ["cut.qgt"]
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def test_encode_writes_npy_and_jsonl_in_image_order(cli, workspace, model, processor, out):
+    digits = [f"digit{i}.png" for i in range(3)]
+    assert cli("encode", *digits, "--model", "model", "-o", "tokens.npy", "--batch-size", "2")[0] == 0
+    tokens = np.load(out / "tokens.npy")
+    with torch.no_grad():
+        expected = torch.cat([model.encode(pixels(processor, workspace / d)).token_ids for d in digits])
+    assert tokens.dtype == np.int16 and np.array_equal(tokens, expected.numpy())
+
+    assert cli("encode", str(workspace), "--model", "model", "-o", "tokens.jsonl")[0] == 0  # a folder's images
+    rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == digits
+    assert [r["token_ids"] for r in rows] == expected.tolist()
+
+
+def test_decode_writes_a_folder_or_one_image(cli, model, processor, out):
+    token_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [299, 0, 299, 0, 299, 0, 299, 0]])
+    np.save(out / "tokens.npy", token_ids.numpy().astype(np.int16))
+    assert cli("decode", "tokens.npy", "--model", "model", "-o", "images")[0] == 0
+    with torch.no_grad():
+        expected = processor.postprocess(model.decode(token_ids).pixel_values)
+        prefix = processor.postprocess(model.decode(token_ids[1:], num_tokens=2).pixel_values)[0]
+    assert sorted(os.listdir(out / "images")) == ["0.png", "1.png"]
+    for name, image in zip(("0.png", "1.png"), expected):
+        np.testing.assert_array_equal(png_array(out / "images" / name), png_array(image))
+
+    (out / "one.jsonl").write_text(json.dumps({"token_ids": token_ids[1].tolist()}) + "\n")
+    assert cli("decode", "one.jsonl", "--model", "model", "-o", "one.png", "--num-tokens", "2")[0] == 0
+    np.testing.assert_array_equal(png_array(out / "one.png"), png_array(prefix))
+
+
+def test_progressive_and_influence_grids(cli, model, out):
+    assert cli("progressive", "digit1.png", "--model", "model", "-o", "grid.png", "--scale", "2")[0] == 0
+    rows = 1 + len(prefix_lengths(model.config.num_tokens))  # input, then k = 1, 2, 4, 8
+    assert PIL.Image.open(out / "grid.png").size == (2 * 18, 2 * (rows * 17 + 1))
+
+    assert cli("influence", "digit1.png", "--model", "model", "-o", "map.png")[0] == 0
+    grid = PIL.Image.open(out / "map.png")
+    assert grid.mode == "RGB" and grid.size == (4 * 17 + 1, 3 * 17 + 1)  # 2 + C = 10 panels, 4 per row
+    panels = np.asarray(grid)
+    assert panels[18:34, 1:17].max() > 0  # the all-tokens panel is not black: every token changes some pixel
+
+
+def test_info_reports_budget_parameters_and_usage(cli, workspace, model, tmp_path):
+    status, text, _ = cli("info", "model")
+    assert status == 0
+    assert "8 x log2(300) = 65.8 bits -> 9 bytes per image" in text
+    assert "codebook usage: not recorded" in text
+
+    used = model.quantizer.usage_counts.clone()
+    model.quantizer.usage_counts[:, :150] = 1  # half of every codebook used in training
+    model.save_pretrained(tmp_path / "trained")
+    model.quantizer.usage_counts.copy_(used)
+    status, text, _ = cli("info", str(tmp_path / "trained"), "--json")
+    info = json.loads(text)
+    assert info["num_tokens"] == 8 and info["codebook_size"] == 300 and info["bytes_per_image"] == 9
+    assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert info["fingerprint"] == model.codebook_fingerprint().hex()
+    assert info["codebook_usage"]["used_fraction_mean"] == 0.5 and info["codebook_usage"]["dead_codewords"] == 8 * 150
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+def stream_for(workspace: Path, model_dir: str) -> bytes:
+    model = QGVAEModel.from_pretrained(workspace / model_dir)
+    return model.compress(pixels(QGVAEImageProcessor.from_model_config(model.config), workspace / "digit0.png"))[0]
+
+
+def header_with(data: bytes, **fields) -> bytes:
+    magic, version, c, k, kept, fingerprint = struct.unpack_from(">3sBHIH8s", data)
+    values = {"magic": magic, "version": version, "c": c, "k": k, "kept": kept, "fingerprint": fingerprint} | fields
+    return struct.pack(">3sBHIH8s", *values.values()) + data[HEADER_NUM_BYTES:]
+
+
+BAD_STREAMS = {
+    "truncated": (lambda d: d[:-1], "truncated payload: 8 bytes, the header implies 9"),
+    "header only": (lambda d: d[:HEADER_NUM_BYTES - 3], "too short to hold a header"),
+    "corrupt payload": (lambda d: d[:HEADER_NUM_BYTES] + b"\xff" * 9, "corrupt payload: token 0 decodes to"),
+    "corrupt header": (lambda d: header_with(d, kept=9), "num_kept is 9, must be in [1, num_tokens=8]"),
+    "wrong magic": (lambda d: b"PNG" + d[3:], "not a QG-VAE token stream: magic is b'PNG'"),
+    "wrong version": (lambda d: header_with(d, version=2), "unsupported format version 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_bad_streams_fail_cleanly(cli, workspace, out, case):
+    edit, message = BAD_STREAMS[case]
+    (out / "bad.qgt").write_bytes(edit(stream_for(workspace, "model")))
+    (out / "image.png").write_bytes(b"previous output")  # survives a failed run untouched
+    status, _, err = cli("decompress", "bad.qgt", "--model", "model", "-o", "image.png")
+    assert status == 1 and len(err.splitlines()) == 1 and message in err
+    assert err.startswith("qg-tokenizer decompress: error: ") and "Traceback" not in err
+    assert sorted(os.listdir(out)) == ["bad.qgt", "image.png"]
+    assert (out / "image.png").read_bytes() == b"previous output"
+
+
+@pytest.mark.parametrize(
+    "maker, message",
+    [("other-weights", "fingerprint is"), ("other-c", "num_tokens is 4 in the stream, expected 8"),
+     ("other-k", "codebook_size is 64 in the stream, expected 300")],
+)  # fmt: skip
+def test_streams_of_another_model_are_refused(cli, workspace, out, maker, message):
+    (out / "other.qgt").write_bytes(stream_for(workspace, maker))
+    status, _, err = cli("decompress", "other.qgt", "--model", "model", "-o", "image.png")
+    assert status == 1 and len(err.splitlines()) == 1
+    assert "the stream was made for another model" in err and message in err
+    assert os.listdir(out) == ["other.qgt"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "notes.txt", "--model", "model", "-o", "x.qgt"], "is not a readable image"),
+        (["encode", "digit0.png", "notes.txt", "--model", "model", "-o", "x.npy"], "notes.txt' is not a readable"),
+        (["progressive", "missing.png", "--model", "model", "-o", "x.png"], "'missing.png': no such file"),
+        (["compress", "digit0.png", "--model", "no/such/model", "-o", "x.qgt"], "--model 'no/such/model': no such"),
+        (["compress", "digit0.png", "--model", ".", "-o", "x.qgt"], "has no config.json"),
+        (["info", "./missing-model"], "no such model folder"),
+        (["encode", "digit0.png", "--model", "model", "-o", "x.csv"], "expected a file ending in .npy, .jsonl"),
+        (["compress", "digit0.png", "--model", "model", "-o", "no/dir/x.qgt"], "the folder 'no/dir' does not exist"),
+        (["decompress", "digit0.png", "--model", "model", "-o", "x.png"], "not a QG-VAE token stream"),
+        (["decode", "digit0.png", "--model", "model", "-o", "x"], "expected a .npy or .jsonl token file"),
+        (["progressive", "digit0.png", "--model", "model", "-o", "x.png", "--lengths", "1,9"], "must be in [1, 8]"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_fail_with_one_line_and_no_output(cli, out, argv, message):
+    status, _, err = cli(*argv)
+    assert status == 1 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [([[0, 1, 2, 3, 4, 5, 6, 300]], "token_ids must be in [0, 300)"), ([[0, 1, 2]], "shape [batch, 8]")],
+)
+def test_token_files_that_do_not_fit_the_model_leave_no_folder(cli, out, tokens, message):
+    np.save(out / "tokens.npy", np.array(tokens))
+    status, _, err = cli("decode", "tokens.npy", "--model", "model", "-o", "images")
+    assert status == 1 and len(err.splitlines()) == 1 and message in err
+    assert os.listdir(out) == ["tokens.npy"]
+
+
+def test_usage_errors_are_one_line_and_debug_shows_the_exception(cli, capsys, out):
+    with pytest.raises(SystemExit) as exit_info:
+        cli("compress", "digit0.png", "--model", "model")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qg-tokenizer compress: error: the following arguments are required: -o/--output (see --help)"
+    ]
+    with pytest.raises(CLIError, match="no such model folder"):
+        cli("info", "./missing-model", "--debug")

@@ -1,0 +1,169 @@
+"""Tests of the diffusers pipeline `QGVAEPipeline` (qg_tokenizer/pipeline_qgvae.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from qg_tokenizer import PatchVQVAEConfig, PatchVQVAEModel, QGPriorConfig, QGPriorForCausalLM, QGVAEModel, QGVAEPipeline
+
+from .conftest import tiny_config
+
+C, K, SIZE = 8, 32, 16  # the tiny QG-VAE of conftest.py
+
+
+def tiny_prior(**overrides) -> QGPriorForCausalLM:
+    config = dict(
+        num_image_tokens=C, codebook_size=K, num_classes=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, initializer_range=0.5, id2label={0: "zero", 1: "one, uno", 2: "two"},
+    )  # fmt: skip
+    torch.manual_seed(1)
+    return QGPriorForCausalLM(QGPriorConfig(**{**config, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe() -> QGVAEPipeline:
+    torch.manual_seed(0)
+    return QGVAEPipeline(vqvae=QGVAEModel(tiny_config()).eval(), prior=tiny_prior())
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_output_types(pipe):
+    pil = pipe([0, 2], num_images_per_label=2, generator=seeded()).images
+    assert len(pil) == 4 and all(isinstance(im, PIL.Image.Image) and im.mode == "L" for im in pil)
+    assert pil[0].size == (SIZE, SIZE)
+    array = pipe([0, 2], num_images_per_label=2, generator=seeded(), output_type="np").images
+    assert array.shape == (4, SIZE, SIZE, 1) and array.dtype == np.float32 and 0 <= array.min() <= array.max() <= 1
+    tensor = pipe([0, 2], num_images_per_label=2, generator=seeded(), output_type="pt").images
+    assert tensor.shape == (4, 1, SIZE, SIZE)
+    np.testing.assert_allclose(tensor.permute(0, 2, 3, 1).numpy(), array)
+    np.testing.assert_array_equal(np.asarray(pil[3]), np.round(array[3, ..., 0] * 255).astype(np.uint8))
+    (images,) = pipe(1, generator=seeded(), output_type="pt", return_dict=False)
+    assert images.shape == (1, 1, SIZE, SIZE)
+
+
+def test_pipeline_is_prior_sampling_then_decoding(pipe):
+    sampling = dict(guidance_scale=2.0, temperature=0.8, top_k=5, top_p=0.9)
+    images = pipe([2, 0], num_images_per_label=2, generator=seeded(7), output_type="pt", **sampling).images
+    token_ids = pipe.prior.generate_image_tokens([2, 2, 0, 0], generator=seeded(7), **sampling)
+    expected = pipe.vqvae.decode(token_ids).pixel_values.clamp(0, 1)
+    torch.testing.assert_close(images, expected)
+    plain = pipe([2, 0], num_images_per_label=2, generator=seeded(7), output_type="pt").images
+    assert not torch.equal(images, plain)  # the sampling arguments reach the prior
+
+
+def test_num_tokens_decodes_a_prefix(pipe):
+    full = pipe.prior.generate_image_tokens([1, 2], generator=seeded(5))
+    images = pipe([1, 2], num_tokens=3, generator=seeded(5), output_type="pt").images
+    prefix = torch.cat((full[:, :3], torch.zeros(2, C - 3, dtype=torch.long)), dim=1)
+    torch.testing.assert_close(images, pipe.vqvae.decode(prefix, num_tokens=3).pixel_values.clamp(0, 1))
+    assert not torch.allclose(images, pipe([1, 2], generator=seeded(5), output_type="pt").images)
+    torch.testing.assert_close(
+        pipe([1, 2], num_tokens=C, generator=seeded(5), output_type="pt").images,
+        pipe([1, 2], generator=seeded(5), output_type="pt").images,
+    )
+
+
+def test_generator_makes_results_reproducible(pipe):
+    first = pipe([0, 1, 2], num_images_per_label=2, generator=seeded(11), output_type="pt").images
+    assert torch.equal(first, pipe([0, 1, 2], num_images_per_label=2, generator=seeded(11), output_type="pt").images)
+    other = pipe([0, 1, 2], num_images_per_label=2, generator=seeded(12), output_type="pt").images
+    assert not torch.equal(first, other)
+    generator = seeded(11)
+    assert torch.equal(first, pipe([0, 1, 2], num_images_per_label=2, generator=generator, output_type="pt").images)
+    assert not torch.equal(first, pipe([0, 1, 2], num_images_per_label=2, generator=generator, output_type="pt").images)
+
+
+def test_labels_and_get_label_ids(pipe):
+    assert pipe.id2label == {0: "zero", 1: "one, uno", 2: "two"}
+    assert pipe.labels == {"zero": 0, "one": 1, "uno": 1, "two": 2}
+    assert pipe.get_label_ids(["two", "uno"]) == [2, 1]
+    assert pipe.get_label_ids("zero") == [0]
+    with pytest.raises(ValueError, match=r"unknown class label\(s\) \['seven'\]"):
+        pipe.get_label_ids(["one", "seven"])
+
+
+def test_unconditional_sampling():
+    torch.manual_seed(0)
+    pipe = QGVAEPipeline(vqvae=QGVAEModel(tiny_config()).eval(), prior=tiny_prior(num_classes=0, id2label=None))
+    assert pipe.id2label == {}
+    images = pipe(num_images_per_label=3, generator=seeded(), output_type="pt").images
+    assert images.shape == (3, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="this prior is unconditional"):
+        pipe([0])
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["_class_name"] == "QGVAEPipeline"
+    assert model_index["prior"] == ["qg_tokenizer.modeling_qgprior", "QGPriorForCausalLM"]
+    assert model_index["vqvae"] == ["qg_tokenizer.modeling_qgvae", "QGVAEModel"]
+    loaded = QGVAEPipeline.from_pretrained(tmp_path)
+    assert type(loaded.prior) is QGPriorForCausalLM and type(loaded.vqvae) is QGVAEModel
+    assert loaded.id2label == pipe.id2label
+    torch.testing.assert_close(
+        loaded([0, 1], generator=seeded(3), output_type="pt", guidance_scale=1.5).images,
+        pipe([0, 1], generator=seeded(3), output_type="pt", guidance_scale=1.5).images,
+    )
+
+
+def test_patch_vqvae_tokenizer():
+    torch.manual_seed(0)
+    config = PatchVQVAEConfig(image_size=SIZE, grid_size=2, codebook_size=K, codeword_dim=8, block_out_channels=[8, 8, 16, 16])
+    pipe = QGVAEPipeline(vqvae=PatchVQVAEModel(config).eval(), prior=tiny_prior(num_image_tokens=4))
+    assert pipe([0, 1], generator=seeded(), output_type="pt").images.shape == (2, 1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        ({"class_labels": [0, 3]}, ValueError, r"class_labels must be in \[0, 3\)"),
+        ({"class_labels": [-1]}, ValueError, r"class_labels must be in \[0, 3\)"),
+        ({"class_labels": [0], "num_tokens": C + 1}, ValueError, r"num_tokens must be in \[1, 8\], got 9"),
+        ({"class_labels": [0], "num_tokens": 0}, ValueError, r"num_tokens must be in \[1, 8\]"),
+        ({"class_labels": [0], "output_type": "latent"}, ValueError, "output_type must be one of"),
+        ({"class_labels": [0], "num_images_per_label": 0}, ValueError, "num_images_per_label must be an int >= 1"),
+        ({"guidance_scale": 3.0}, ValueError, "guidance_scale=3.0 needs class_labels"),
+        ({"class_labels": [0], "generator": [seeded()]}, TypeError, "generator must be one torch.Generator"),
+    ],
+)
+def test_bad_calls_raise(pipe, call, error, match):
+    with pytest.raises(error, match=match):
+        pipe(**call)
+
+
+def test_guidance_from_a_prior_without_null_token_raises():
+    torch.manual_seed(0)
+    pipe = QGVAEPipeline(vqvae=QGVAEModel(tiny_config()).eval(), prior=tiny_prior(class_dropout_prob=0.0))
+    with pytest.raises(ValueError, match=r"guidance_scale=4.0 needs a class-conditional prior trained with class"):
+        pipe([0], guidance_scale=4.0)
+    with pytest.raises(ValueError, match="class_labels is required"):
+        pipe()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [({"num_image_tokens": 4}, "num_image_tokens=4"), ({"codebook_size": 64}, "codebook_size=64")],
+)
+def test_prior_vqvae_mismatch_raises(overrides, match):
+    vqvae = QGVAEModel(tiny_config())
+    with pytest.raises(ValueError, match=rf"vqvae has num_tokens C=8 and codebook_size K=32, prior has .*{match}"):
+        QGVAEPipeline(vqvae=vqvae, prior=tiny_prior(**overrides))
+
+
+def test_import_qg_tokenizer_does_not_import_diffusers():
+    code = (
+        "import sys, qg_tokenizer; assert 'diffusers' not in sys.modules; "
+        "qg_tokenizer.QGVAEPipeline; assert 'diffusers' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,367 @@
+"""Train a QG-VAE (or another registered tokenizer, e.g. the patch VQ-VAE baseline) with Accelerate.
+
+    accelerate launch training/train.py --config training/configs/mnist-demo.yaml [key=value ...] \
+        [--resume latest|PATH] [--push_to_hub REPO_ID]
+
+Overrides use the config's keys, dots reaching into sections: `max_steps=2000 model.num_tokens=32 gan.enabled=true`.
+Every default is in `TrainConfig` below. The output folder ends up as a `save_pretrained` folder (config, weights,
+image processor, model card) plus `results.json`, `checkpoints/`, `samples/` and tensorboard `logs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate.utils import set_seed
+from huggingface_hub import create_repo, upload_folder
+from tqdm.auto import tqdm
+from transformers import AutoModel, get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` next to this script, however it is launched
+
+from common import (  # noqa: E402
+    ConfigError,
+    DataConfig,
+    ImageCollator,
+    TrainerState,
+    build_eval_dataloader,
+    build_model_config,
+    build_train_dataloader,
+    codeword_counts,
+    config_to_dict,
+    endless_batches,
+    evaluate,
+    load_config,
+    load_splits,
+    resolve_checkpoint,
+    save_checkpoint,
+    setup_accelerator,
+    write_model_card,
+)
+
+from qg_tokenizer import QGVAEImageProcessor  # noqa: E402
+from qg_tokenizer.metrics import usage_summary  # noqa: E402
+from qg_tokenizer.modeling_qggan import (  # noqa: E402
+    QGGANDiscriminator,
+    decoder_last_layer,
+    hinge_discriminator_loss,
+    load_lpips,
+    qggan_autoencoder_loss,
+)
+from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
+
+@dataclass
+class GANConfig:
+    """QGGAN phase (SPEC section 4): after `warmup_steps` of plain QG-VAE, odd steps train D, even steps the AE."""
+
+    enabled: bool = False
+    warmup_steps: int = 5000
+    discriminator_channels: int = 16
+    discriminator_max_channels: int = 128
+    perceptual_loss: Literal["lpips", "none"] = "lpips"  # LPIPS-VGG needs the lpips package and its weights
+    adaptive_weight_factor: float = 0.75
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/qgvae"
+    seed: int = 0
+    model: dict = field(default_factory=lambda: {"model_type": "qgvae"})  # AutoConfig.for_model(**model)
+    data: DataConfig = field(default_factory=DataConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    # optimisation (the reference: AdamW 2e-4, weight decay 0.01, default betas, no schedule, fp32)
+    batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 10_000  # optimizer steps (a QGGAN discriminator step counts as one)
+    max_train_time: float | None = None  # seconds; stop after the first step past this wall-clock budget
+    learning_rate: float = 2e-4
+    codebook_learning_rate: float | None = None  # the quantizer's codebooks and offsets (None: learning_rate)
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_scheduler: str = "constant"  # any name of transformers.get_scheduler
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: as set by `accelerate launch/config`
+    # evaluation, logging and checkpoints
+    eval_every: int = 500
+    eval_batch_size: int = 100
+    max_eval_samples: int | None = 1000  # periodic evaluations; the final one uses the whole eval split
+    num_grid_images: int = 8
+    final_usage_samples: int | None = None  # training images encoded at the end to measure codebook usage (None: all)
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int | None = 3
+    report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of TrainConfig keys (e.g. training/configs/mnist-demo.yaml)")
+    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the trained model folder to this hub repo")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> torch.nn.Module:
+    """Train as configured by the command line `argv`; returns the trained (unwrapped) model."""
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    output_dir = Path(cfg.output_dir)
+
+    # ---------------------------------------------------------------- everything that can fail, before training
+    model_config = build_model_config(cfg.model)
+    if cfg.gan.enabled and model_config.model_type != "qgvae":
+        raise ConfigError(f"gan.enabled needs model.model_type 'qgvae', got {model_config.model_type!r}")
+    if cfg.gan.enabled and cfg.gradient_accumulation_steps != 1:
+        raise ConfigError("gan.enabled alternates optimizers every step: gradient_accumulation_steps must be 1")
+    positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "eval_every", "log_every", "checkpoint_every")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.data.streaming and (cfg.max_eval_samples is None or cfg.final_usage_samples is None):
+        raise ConfigError("data.streaming needs max_eval_samples and final_usage_samples (a stream has no end)")
+    perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
+    accelerator = setup_accelerator(
+        output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
+    )
+    resume_from = resolve_checkpoint(output_dir, args.resume)
+    train_data, eval_data = load_splits(cfg.data, accelerator.num_processes)
+    processor = QGVAEImageProcessor.from_model_config(model_config)
+    collator = ImageCollator(processor, cfg.data.image_column)
+
+    # ------------------------------------------------------------------------------------ model and optimizers
+    set_seed(cfg.seed)  # the same initial weights on every process
+    model = AutoModel.from_config(model_config)
+    # Adam moves every codeword by about the learning rate per step, whatever its gradient: a higher codebook rate
+    # lets the codewords follow the encoder's outputs early in training, so that split cells stay in use
+    quantizer_params = [p for name, p in model.named_parameters() if name.startswith("quantizer.")]
+    other_params = [p for name, p in model.named_parameters() if not name.startswith("quantizer.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": other_params}, {"params": quantizer_params, "lr": cfg.codebook_learning_rate or cfg.learning_rate}],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    # the prepared scheduler steps once per process per optimizer step (the diffusers convention)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    train_loader = build_train_dataloader(train_data, collator, cfg.data, cfg.batch_size, accelerator, cfg.seed)
+    eval_loader = build_eval_dataloader(eval_data, collator, cfg.eval_batch_size, accelerator, cfg.max_eval_samples)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    discriminator = optimizer_d = None
+    if cfg.gan.enabled:
+        discriminator = QGGANDiscriminator(
+            model_config, cfg.gan.discriminator_channels, cfg.gan.discriminator_max_channels
+        )
+        optimizer_d = torch.optim.AdamW(
+            discriminator.parameters(), lr=cfg.gan.learning_rate, weight_decay=cfg.gan.weight_decay
+        )
+        discriminator, optimizer_d = accelerator.prepare(discriminator, optimizer_d)
+        if perceptual is not None:
+            perceptual = perceptual.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    quantizer = unwrapped.quantizer
+    reset_interval = model_config.reset_interval
+
+    state = TrainerState()
+    accelerator.register_for_checkpointing(state)
+    set_seed(cfg.seed, device_specific=True)  # token dropout and flips differ between processes
+    if resume_from is not None:  # restores weights, optimizers, buffers, RNG states and `state`
+        accelerator.print(f"resuming from {resume_from}")
+        accelerator.load_state(str(resume_from))
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:  # a fresh run does not continue an older run's log
+            (output_dir / "train_log.jsonl").unlink(missing_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    accelerator.init_trackers(
+        "train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
+    )
+    accelerator.print(
+        f"{model_config.model_type}: {sum(p.numel() for p in unwrapped.parameters()):,} parameters, "
+        f"{model_config.bytes_per_image} bytes per image; {accelerator.num_processes} process(es), "
+        f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation, "
+        f"mixed precision {accelerator.mixed_precision}; starting at step {state.step}"
+    )
+
+    def run_evaluation(eval_loader) -> dict:
+        """Test metrics, the window's codebook usage (all processes) and a PNG grid, appended to the history."""
+        counts = accelerator.reduce(quantizer.usage_counts.clone(), "sum")
+        quantizer.usage_counts.zero_()
+        metrics = {"step": state.step, "train_time": state.train_time}
+        grid_path = output_dir / "samples" / f"step-{state.step:07d}.png"
+        metrics |= evaluate(unwrapped, eval_loader, accelerator, grid_path, cfg.num_grid_images)
+        metrics |= {f"train_{k}": v for k, v in usage_summary(counts).items()}
+        metrics["train_usage_images"] = int(counts[0].sum().item())  # training images the usage window counted
+        state.history.append(metrics)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"}, step=state.step)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ training loop
+    batches = endless_batches(
+        train_loader, accelerator, state.step * cfg.gradient_accumulation_steps, cfg.data.horizontal_flip
+    )
+    progress = tqdm(
+        total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    model.train()
+    loop_start, time_before = time.perf_counter(), state.train_time
+    while state.step < cfg.max_steps:
+        gan_phase = cfg.gan.enabled and state.step >= cfg.gan.warmup_steps
+        logs = {}
+        if gan_phase and state.step % 2 == 1:  # discriminator step; the autoencoder is only evaluated
+            pixel_values = next(batches)
+            with torch.no_grad(), accelerator.autocast():
+                unwrapped.eval()
+                fake = unwrapped(pixel_values).reconstruction
+                unwrapped.train()
+            with accelerator.autocast():
+                real_logits, fake_logits = discriminator(torch.cat((pixel_values, fake))).chunk(2)
+                d_loss = hinge_discriminator_loss(real_logits.float(), fake_logits.float())
+            optimizer_d.zero_grad()  # the autoencoder step also left gradients in D
+            accelerator.backward(d_loss)
+            if cfg.max_grad_norm is not None:
+                accelerator.unscale_gradients(optimizer_d)
+                torch.nn.utils.clip_grad_norm_(discriminator.parameters(), cfg.max_grad_norm)
+            optimizer_d.step()
+            logs["d_loss"] = d_loss.detach()
+        else:  # autoencoder step
+            for _ in range(cfg.gradient_accumulation_steps):
+                pixel_values = next(batches)
+                with accelerator.accumulate(model):
+                    output = model(pixel_values)
+                    loss = output.loss
+                    if gan_phase:  # D is not stepped here: use it unwrapped, outside DDP
+                        fake_logits = accelerator.unwrap_model(discriminator)(output.reconstruction)
+                        loss, gan_logs = qggan_autoencoder_loss(
+                            pixel_values, output, fake_logits, decoder_last_layer(unwrapped), perceptual,
+                            cfg.gan.adaptive_weight_factor,
+                        )  # fmt: skip
+                        logs |= gan_logs
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # the reset statistic needs true gradients: unscale (fp16) before reading them; a step the
+                        # fp16 scaler will skip (inf/nan gradients) must not reach the statistic either
+                        accelerator.unscale_gradients(optimizer)
+                        if accelerator.mixed_precision != "fp16" or all(
+                            p.grad is None or torch.isfinite(p.grad).all() for p in unwrapped.parameters()
+                        ):
+                            unwrapped.accumulate_reset_statistic()
+                        if cfg.max_grad_norm is not None:
+                            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+            for key in ("reconstruction_loss", "codebook_loss", "commitment_loss"):
+                logs[key] = getattr(output, key).detach()
+            logs["loss"] = loss.detach()
+        state.step += 1
+        progress.update(1)
+
+        # Voronoi reset on the statistic summed over processes, with the same noise everywhere
+        if state.step % reset_interval == 0:
+            quantizer.reset_statistic.copy_(accelerator.reduce(quantizer.reset_statistic.clone(), "sum"))
+            resets = unwrapped.voronoi_reset(torch.Generator().manual_seed(cfg.seed + state.step))
+            logs["codewords_reset"] = resets.sum()
+
+        state.train_time = time_before + time.perf_counter() - loop_start
+        out_of_time = cfg.max_train_time is not None and state.train_time >= cfg.max_train_time
+        if cfg.max_train_time is not None:  # every process stops at the same step
+            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device)) > 0)
+        last = out_of_time or state.step >= cfg.max_steps
+
+        if state.step % cfg.log_every == 0 or "codewords_reset" in logs:
+            logs = {"step": state.step} | {k: float(v) for k, v in logs.items()}
+            logs["lr"] = lr_scheduler.get_last_lr()[0]
+            if "reconstruction_loss" in logs:
+                logs["psnr"] = -10 * math.log10(max(logs["reconstruction_loss"], 1e-10))
+            window = usage_statistics(quantizer.usage_counts)["used_fraction"].mean().item()
+            progress.set_postfix(
+                loss=f"{logs.get('loss', float('nan')):.4f}", psnr=f"{logs.get('psnr', float('nan')):.2f}",
+                usage=f"{window:.2f}",
+            )  # fmt: skip
+            accelerator.log({f"train/{k}": v for k, v in logs.items() if k != "step"}, step=state.step)
+            if accelerator.is_main_process:
+                with open(output_dir / "train_log.jsonl", "a") as log_file:
+                    log_file.write(json.dumps(logs) + "\n")
+        if state.step % cfg.eval_every == 0 and not last:
+            metrics = run_evaluation(eval_loader)
+            progress.write(
+                f"step {state.step}: test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
+                f"codeword usage mean {metrics['train_usage_mean']:.3f} min {metrics['train_usage_min']:.3f}"
+            )
+        if state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        if out_of_time:
+            break
+    progress.close()
+
+    # ---------------------------------------------------------------------- final evaluation, saving, model card
+    full_eval = cfg.max_eval_samples if cfg.data.streaming else None
+    final = run_evaluation(build_eval_dataloader(eval_data, collator, cfg.eval_batch_size, accelerator, full_eval))
+    usage_loader = build_eval_dataloader(
+        train_data, collator, cfg.eval_batch_size, accelerator, cfg.final_usage_samples
+    )
+    train_counts = codeword_counts(unwrapped, usage_loader, accelerator)
+    train_usage = usage_summary(train_counts) | {
+        "used_fraction_per_token": usage_statistics(train_counts)["used_fraction"].tolist(),
+        "num_images": int(train_counts[0].sum().item()),
+    }
+    results = {
+        "model_type": model_config.model_type,
+        "step": state.step,
+        "train_time": state.train_time,
+        "seconds_per_step": state.train_time / max(state.step, 1),
+        "num_processes": accelerator.num_processes,
+        "bytes_per_image": model_config.bytes_per_image,
+        "eval": final,
+        "train_set_usage": train_usage,
+        "history": state.history,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_model_card(
+            output_dir,
+            card_data={
+                "library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "image-feature-extraction",
+                "tags": ["image-tokenizer", "vector-quantization", model_config.model_type],
+            },
+            model_name=args.push_to_hub or output_dir.name, repo_id=args.push_to_hub or str(output_dir),
+            config=model_config.to_dict(), train=config_to_dict(cfg), results=results,
+        )  # fmt: skip
+        if args.push_to_hub:
+            create_repo(args.push_to_hub, exist_ok=True)
+            upload_folder(
+                repo_id=args.push_to_hub, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"],
+                commit_message=f"Train {model_config.model_type} for {state.step} steps",
+            )  # fmt: skip
+        print(
+            f"done: step {state.step} in {state.train_time:.0f} s; test PSNR {final['psnr']:.2f} dB, "
+            f"SSIM {final['ssim']:.3f}; {model_config.bytes_per_image} bytes per image; codewords used over "
+            f"{train_usage['num_images']} training images: mean {train_usage['usage_mean']:.3f}, "
+            f"min {train_usage['usage_min']:.3f}; saved to {output_dir}"
+        )
+    accelerator.end_training()
+    return unwrapped
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
