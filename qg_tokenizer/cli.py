@@ -357,33 +357,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
-    def add(name: str, function, help: str, parents: list) -> argparse.ArgumentParser:
+    def add(
+        name: str, function, help: str, parents: list, source: dict, output_help: str = "an image file (.png, ...)"
+    ) -> argparse.ArgumentParser:
+        """A sub-command with one positional input (`source`: its `add_argument` keywords) and `-o/--output`."""
         sub = commands.add_parser(name, help=help, description=help, parents=parents)
         sub.set_defaults(function=function)
+        sub.add_argument(source.pop("dest"), **source)
+        sub.add_argument("-o", "--output", required=True, help=output_help)
         return sub
 
-    sub = add("encode", cmd_encode, "images -> token ids (.npy [N, C] or .jsonl)", [with_model])
-    sub.add_argument("images", nargs="+", help="image files or folders of images")
-    sub.add_argument("-o", "--output", required=True, help="tokens.npy or tokens.jsonl")
-    sub = add("decode", cmd_decode, "token ids (.npy or .jsonl) -> images", [with_model, prefix])
-    sub.add_argument("tokens", help="a .npy or .jsonl file written by `encode`")
-    sub.add_argument("-o", "--output", required=True, help="an image file (one row) or a new folder of PNGs")
-    sub = add("compress", cmd_compress, "one image -> a .qgt byte stream", [with_model, prefix])
-    sub.add_argument("image")
-    sub.add_argument("-o", "--output", required=True, help="FILE.qgt")
-    sub = add("decompress", cmd_decompress, "a .qgt byte stream -> an image", [with_model, prefix])
-    sub.add_argument("file", help="a .qgt file written by `compress`")
-    sub.add_argument("-o", "--output", required=True, help="an image file (.png, ...)")
-    sub = add("progressive", cmd_progressive, "grid of reconstructions from 1, 2, 4, ... tokens", [with_model, visual])
-    sub.add_argument("image")
-    sub.add_argument("-o", "--output", required=True, help="an image file (.png, ...)")
+    add("encode", cmd_encode, "images -> token ids (.npy [N, C] or .jsonl)", [with_model],
+        {"dest": "images", "nargs": "+", "help": "image files or folders of images"}, "tokens.npy or tokens.jsonl")
+    add("decode", cmd_decode, "token ids (.npy or .jsonl) -> images", [with_model, prefix],
+        {"dest": "tokens", "help": "a .npy or .jsonl file written by `encode`"},
+        "an image file (one row) or a new folder of PNGs")
+    add("compress", cmd_compress, "one image -> a .qgt byte stream", [with_model, prefix], {"dest": "image"},
+        "FILE.qgt")
+    add("decompress", cmd_decompress, "a .qgt byte stream -> an image", [with_model, prefix],
+        {"dest": "file", "help": "a .qgt file written by `compress`"})
+    sub = add("progressive", cmd_progressive, "grid of reconstructions from 1, 2, 4, ... tokens", [with_model, visual],
+              {"dest": "image"})
     sub.add_argument("--lengths", type=_parse_lengths, help="token counts, e.g. 1,4,16 (default 1,2,4,...,C)")
-    sub = add("influence", cmd_influence, "per-token influence map, coloured per token", [with_model, visual])
-    sub.add_argument("image")
-    sub.add_argument("-o", "--output", required=True, help="an image file (.png, ...)")
+    sub = add("influence", cmd_influence, "per-token influence map, coloured per token", [with_model, visual],
+              {"dest": "image"})
     sub.add_argument("--samples", type=_positive, default=1, help="replacement codewords averaged per token")
     sub.add_argument("--seed", type=int, default=0, help="seed of the replacement codewords")
-    sub = add("info", cmd_info, "config, bytes per image, parameters, codebook usage", [common])
+    help = "config, bytes per image, parameters, codebook usage"
+    sub = commands.add_parser("info", help=help, description=help, parents=[common])
+    sub.set_defaults(function=cmd_info)
     sub.add_argument("model", help="saved model folder or hub repo id")
     sub.add_argument("--json", action="store_true", help="print JSON")
     return parser

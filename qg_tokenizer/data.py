@@ -3,6 +3,7 @@ data sets, as `datasets` objects."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -56,8 +57,14 @@ def _check_images(images: np.ndarray, name: str, path: str | os.PathLike) -> np.
 def load_embedded_mnist() -> DatasetDict:
     """The packaged 10,000 MNIST digits: "train" (first 9,000) and "test" (last 1,000).
 
-    Columns: `image` (28x28 PIL mode "L", pixels 0-255) and `label` (`ClassLabel` named "0".."9").
+    Columns: `image` (28x28 PIL mode "L", pixels 0-255) and `label` (`ClassLabel` named "0".."9"). Built once per
+    process; every call returns a new `DatasetDict` of the same (immutable) splits.
     """
+    return DatasetDict(_embedded_mnist_splits())
+
+
+@functools.cache
+def _embedded_mnist_splits() -> DatasetDict:
     with np.load(MNIST_PATH) as npz:
         images, labels = npz["images"], npz["labels"]
     names = [str(d) for d in range(10)]
@@ -100,7 +107,7 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
 EMBEDDED_MNIST = "embedded-mnist"
 
 
-def _load_splits(source: str, streaming: bool, name: str | None) -> DatasetDict | dict:
+def load_image_splits(source: str, streaming: bool = False, name: str | None = None) -> DatasetDict | dict:
     """All splits of `source` (see [`load_image_dataset`]) as a split name -> data set mapping."""
     if source == EMBEDDED_MNIST:
         return load_embedded_mnist()
@@ -141,7 +148,7 @@ def load_image_dataset(
         num_shards: shards of a converted `IterableDataset` (at least the number of processes that share it).
     """
     source = os.fspath(source)
-    splits = _load_splits(source, streaming, name)
+    splits = load_image_splits(source, streaming, name)
     if split not in splits:
         raise ValueError(f"split {split!r} not found in data set {source!r}; available splits: {sorted(splits)}")
     data = splits[split]
@@ -162,4 +169,11 @@ def load_image_dataset(
     return data
 
 
-__all__ = ["EMBEDDED_MNIST", "MNIST_PATH", "load_embedded_mnist", "load_image_dataset", "load_npz_dataset"]
+__all__ = [
+    "EMBEDDED_MNIST",
+    "MNIST_PATH",
+    "load_embedded_mnist",
+    "load_image_dataset",
+    "load_image_splits",
+    "load_npz_dataset",
+]

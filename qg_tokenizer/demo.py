@@ -26,21 +26,36 @@ from .visualize import image_grid, progressive_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
+TRAIN_PRIOR_SCRIPT = REPO_ROOT / "training" / "train_prior.py"
 DEMO_CONFIG = REPO_ROOT / "training" / "configs" / "mnist-demo.yaml"
 
 
-def run_training(output_dir: str | Path, overrides: list[str] = (), config: str | Path = DEMO_CONFIG) -> dict:
-    """Run `training/train.py --config config output_dir=... *overrides` in a fresh process; returns `results.json`.
+def run_training(
+    output_dir: str | Path, overrides: list[str] = (), config: str | Path = DEMO_CONFIG,
+    num_threads: int | None = None, log_file: str | Path | None = None, script: Path = TRAIN_SCRIPT,
+) -> dict:  # fmt: skip
+    """Run `script --config config output_dir=... *overrides` in a fresh process; returns `results.json`.
+
+    `script` is `training/train.py` (tokenizers) or `TRAIN_PRIOR_SCRIPT` (`training/train_prior.py`, the prior).
 
     One process, as `accelerate launch` starts on a machine without GPUs. OpenMP threads sleep instead of spinning
     while they wait (`OMP_WAIT_POLICY=PASSIVE`, unless set): spinning threads slow training many times over when
-    other jobs share the cores.
+    other jobs share the cores. `num_threads` caps the process's intra-op threads (`OMP_NUM_THREADS`), so that
+    several runs can share the cores side by side; `log_file` takes its output instead of the terminal.
     """
-    if not TRAIN_SCRIPT.is_file():
-        raise FileNotFoundError(f"the demo runs {TRAIN_SCRIPT}, which is part of the source checkout, not the package")
+    if not script.is_file():
+        raise FileNotFoundError(f"the demo runs {script}, which is part of the source checkout, not the package")
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, str(TRAIN_SCRIPT), "--config", str(config), f"output_dir={output_dir}", *overrides]
-    subprocess.run(command, check=True, env=env)
+    if num_threads is not None:
+        env["OMP_NUM_THREADS"] = str(num_threads)
+    command = [sys.executable, str(script), "--config", str(config), f"output_dir={output_dir}", *overrides]
+    if log_file is None:
+        subprocess.run(command, check=True, env=env)
+    else:
+        with open(log_file, "w") as log:
+            completed = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if completed.returncode:
+            raise RuntimeError(f"training into {output_dir} failed (exit {completed.returncode}); see {log_file}")
     return json.loads((Path(output_dir) / "results.json").read_text())
 
 

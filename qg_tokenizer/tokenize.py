@@ -67,7 +67,7 @@ def encode_images(
     """
     try:
         pixel_values = processor(list(images), return_tensors="pt")["pixel_values"]
-    except Exception as error:
+    except Exception:
         indices = range(len(images)) if indices is None else indices
         for image, index in zip(images, indices):  # find the image the processor cannot handle
             try:

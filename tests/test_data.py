@@ -28,6 +28,13 @@ def test_embedded_mnist_splits_and_labels(mnist, mnist_npz):
     assert set(mnist["test"]["label"]) == set(range(10))
 
 
+def test_embedded_mnist_is_built_once_and_callers_cannot_change_the_cache(mnist):
+    again = load_embedded_mnist()
+    assert again is not mnist and again["train"] is mnist["train"]  # new dict, the same immutable splits
+    again["train"] = again["test"]
+    assert load_embedded_mnist()["train"].num_rows == 9000
+
+
 @pytest.mark.parametrize("split, rows, offset", [("train", [0, 1, 4321, 8999], 0), ("test", [0, 999], 9000)])
 def test_embedded_mnist_pixels(mnist, mnist_npz, split, rows, offset):
     for row in rows:

@@ -11,7 +11,7 @@ import PIL.Image
 import pyarrow as pa
 import pytest
 import torch
-from datasets import Array2D, Dataset, DatasetDict, Features, Image, Value, load_from_disk
+from datasets import Array2D, Dataset, DatasetDict, Features, Image, load_from_disk
 
 from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
 from qg_tokenizer.data import load_embedded_mnist

@@ -343,3 +343,35 @@ def test_adaptive_weight_and_autoencoder_loss():
     assert not terms["gan_weight"].requires_grad
     loss.backward()
     assert model.quantizer.codebook.grad.abs().sum() > 0 and last_layer.grad.abs().sum() > 0
+
+
+def test_patch_vqvae_trains_and_counts_its_shared_codebook(tmp_path, digits):
+    """The baseline goes through the same script; its final usage is over its ONE codebook, each image counted once."""
+    patch = dict(
+        model_type="patch_vqvae", image_size=16, num_channels=1, grid_size=4, codebook_size=32, codeword_dim=8,
+        block_out_channels="[8,16,16]", num_res_blocks=1, reset_interval=3,
+    )  # fmt: skip
+    argv = tiny_argv(tmp_path, digits)[: -len(MODEL_OVERRIDES)] + [f"model.{k}={v}" for k, v in patch.items()]
+    model = train.main(argv)
+    assert model.config.model_type == "patch_vqvae" and model.config.num_tokens == 16
+    results = json.loads((tmp_path / "results.json").read_text())
+    usage = results["train_set_usage"]
+    assert usage["num_images"] == 64 and len(usage["used_fraction_per_token"]) == 1
+    assert all(h["train_usage_images"] == 24 for h in results["history"][:1])  # 3 steps x batch 8 in the window
+
+
+def test_training_clock_leaves_out_paused_time():
+    import time
+
+    from accelerate import Accelerator
+    from common import TrainerState, TrainingClock
+
+    state = TrainerState(step=3, train_time=5.0)  # as resumed from a checkpoint
+    clock = TrainingClock(state)
+    with clock.paused():
+        time.sleep(0.3)
+    clock.tick()
+    assert 5.0 <= state.train_time < 5.2
+    accelerator = Accelerator(cpu=True)
+    assert not clock.out_of_time(None, accelerator) and not clock.out_of_time(5.5, accelerator)
+    assert clock.out_of_time(5.0, accelerator)

@@ -7,9 +7,11 @@ import dataclasses
 import inspect
 import re
 import shutil
+import time
 import types
 import typing
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -20,7 +22,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
@@ -238,6 +240,48 @@ class TrainerState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.train_time, self.history = state["step"], state["train_time"], state["history"]
 
+    def summary(self, num_processes: int) -> dict:
+        """The progress part of a run's `results.json`."""
+        return {
+            "step": self.step, "train_time": self.train_time, "seconds_per_step": self.train_time / max(self.step, 1),
+            "num_processes": num_processes,
+        }  # fmt: skip
+
+
+class TrainingClock:
+    """Keeps `state.train_time`: seconds of training since the loop (re)started, on top of what a resumed run had
+    already spent, leaving out what runs inside `paused()` (evaluations, checkpoints)."""
+
+    def __init__(self, state: TrainerState):
+        self.state, self.start, self.before, self.paused_seconds = state, time.perf_counter(), state.train_time, 0.0
+
+    def tick(self) -> None:
+        self.state.train_time = self.before + time.perf_counter() - self.start - self.paused_seconds
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def out_of_time(self, max_train_time: float | None, accelerator: Accelerator) -> bool:
+        """Whether `max_train_time` is reached on any process (all processes agree, so they stop at the same step)."""
+        if max_train_time is None:
+            return False
+        done = torch.tensor(float(self.state.train_time >= max_train_time), device=accelerator.device)
+        return bool(accelerator.reduce(done) > 0)
+
+
+def push_output_dir(output_dir: str | Path, repo_id: str, commit_message: str) -> None:
+    """Upload a finished run's folder (without `checkpoints/` and `logs/`) to the hub repo `repo_id`."""
+    create_repo(repo_id, exist_ok=True)
+    upload_folder(
+        repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"],
+        commit_message=commit_message,
+    )  # fmt: skip
+
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """`output_dir/checkpoints/checkpoint-<step>` folders, oldest first."""
@@ -411,15 +455,17 @@ def evaluate(
 
 @torch.no_grad()
 def codeword_counts(model, dataloader: DataLoader, accelerator: Accelerator) -> torch.Tensor:
-    """`[C, K]` how often each codeword is chosen when encoding every image of `dataloader` (all processes)."""
+    """`[num_codebooks, K]` how often each codeword is chosen when encoding every image of `dataloader` (all
+    processes): one row per token for QG-VAE (C codebooks), one row summed over the grid for a shared codebook."""
     was_training = model.training
     model.eval()
-    config = model.config
-    counts = torch.zeros(config.num_tokens, config.codebook_size, device=accelerator.device)
+    num_codebooks = model.quantizer.codebook.shape[0]
+    counts = torch.zeros(num_codebooks, model.config.codebook_size, device=accelerator.device)
     for pixel_values in dataloader:
         with accelerator.autocast():
             token_ids = accelerator.gather_for_metrics(model.encode(pixel_values).token_ids)  # (N, C)
-        counts.scatter_add_(1, token_ids.T, torch.ones(token_ids.T.shape, device=counts.device))
+        token_ids = token_ids.T.reshape(num_codebooks, -1)  # (C, N), or (1, C * N) for a shared codebook
+        counts.scatter_add_(1, token_ids, torch.ones(token_ids.shape, device=counts.device))
     model.train(was_training)
     return counts
 

@@ -22,7 +22,7 @@ import datasets
 from accelerate import PartialState
 from datasets import DatasetDict, concatenate_datasets, load_from_disk
 
-from qg_tokenizer.data import EMBEDDED_MNIST, _load_splits
+from qg_tokenizer.data import EMBEDDED_MNIST, load_image_splits
 from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> DatasetDict | None:
     state = PartialState()
     if not state.is_main_process:
         datasets.disable_progress_bars()
-    splits = _load_splits(args.dataset, streaming=False, name=args.dataset_config)
+    splits = load_image_splits(args.dataset, streaming=False, name=args.dataset_config)
     names = args.splits or list(splits)
     missing = [name for name in names if name not in splits]
     if missing:

@@ -14,14 +14,12 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
-from huggingface_hub import create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import AutoModel, get_scheduler
 
@@ -32,6 +30,7 @@ from common import (  # noqa: E402
     DataConfig,
     ImageCollator,
     TrainerState,
+    TrainingClock,
     build_eval_dataloader,
     build_model_config,
     build_train_dataloader,
@@ -41,6 +40,7 @@ from common import (  # noqa: E402
     evaluate,
     load_config,
     load_splits,
+    push_output_dir,
     resolve_checkpoint,
     save_checkpoint,
     setup_accelerator,
@@ -83,7 +83,7 @@ class TrainConfig:
     batch_size: int = 32  # per process
     gradient_accumulation_steps: int = 1
     max_steps: int = 10_000  # optimizer steps (a QGGAN discriminator step counts as one)
-    max_train_time: float | None = None  # seconds; stop after the first step past this wall-clock budget
+    max_train_time: float | None = None  # seconds of training (evaluations, checkpoints excluded); stop past it
     learning_rate: float = 2e-4
     codebook_learning_rate: float | None = None  # the quantizer's codebooks and offsets (None: learning_rate)
     weight_decay: float = 0.01
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         grid_path = output_dir / "samples" / f"step-{state.step:07d}.png"
         metrics |= evaluate(unwrapped, eval_loader, accelerator, grid_path, cfg.num_grid_images)
         metrics |= {f"train_{k}": v for k, v in usage_summary(counts).items()}
-        metrics["train_usage_images"] = int(counts[0].sum().item())  # training images the usage window counted
+        # training images the usage window counted (every image adds C counts, to C codebooks or to the shared one)
+        metrics["train_usage_images"] = int(counts.sum().item()) // model_config.num_tokens
         state.history.append(metrics)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "step"}, step=state.step)
         return metrics
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
     model.train()
-    loop_start, time_before = time.perf_counter(), state.train_time
+    clock = TrainingClock(state)
     while state.step < cfg.max_steps:
         gan_phase = cfg.gan.enabled and state.step >= cfg.gan.warmup_steps
         logs = {}
@@ -276,10 +277,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             resets = unwrapped.voronoi_reset(torch.Generator().manual_seed(cfg.seed + state.step))
             logs["codewords_reset"] = resets.sum()
 
-        state.train_time = time_before + time.perf_counter() - loop_start
-        out_of_time = cfg.max_train_time is not None and state.train_time >= cfg.max_train_time
-        if cfg.max_train_time is not None:  # every process stops at the same step
-            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device)) > 0)
+        clock.tick()
+        out_of_time = clock.out_of_time(cfg.max_train_time, accelerator)
         last = out_of_time or state.step >= cfg.max_steps
 
         if state.step % cfg.log_every == 0 or "codewords_reset" in logs:
@@ -296,14 +295,15 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             if accelerator.is_main_process:
                 with open(output_dir / "train_log.jsonl", "a") as log_file:
                     log_file.write(json.dumps(logs) + "\n")
-        if state.step % cfg.eval_every == 0 and not last:
-            metrics = run_evaluation(eval_loader)
-            progress.write(
-                f"step {state.step}: test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
-                f"codeword usage mean {metrics['train_usage_mean']:.3f} min {metrics['train_usage_min']:.3f}"
-            )
-        if state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        with clock.paused():
+            if state.step % cfg.eval_every == 0 and not last:
+                metrics = run_evaluation(eval_loader)
+                progress.write(
+                    f"step {state.step}: test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
+                    f"codeword usage mean {metrics['train_usage_mean']:.3f} min {metrics['train_usage_min']:.3f}"
+                )
+            if state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
         if out_of_time:
             break
     progress.close()
@@ -317,14 +317,11 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     train_counts = codeword_counts(unwrapped, usage_loader, accelerator)
     train_usage = usage_summary(train_counts) | {
         "used_fraction_per_token": usage_statistics(train_counts)["used_fraction"].tolist(),
-        "num_images": int(train_counts[0].sum().item()),
+        "num_images": int(train_counts.sum().item()) // model_config.num_tokens,
     }
     results = {
         "model_type": model_config.model_type,
-        "step": state.step,
-        "train_time": state.train_time,
-        "seconds_per_step": state.train_time / max(state.step, 1),
-        "num_processes": accelerator.num_processes,
+        **state.summary(accelerator.num_processes),
         "bytes_per_image": model_config.bytes_per_image,
         "eval": final,
         "train_set_usage": train_usage,
@@ -345,11 +342,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             config=model_config.to_dict(), train=config_to_dict(cfg), results=results,
         )  # fmt: skip
         if args.push_to_hub:
-            create_repo(args.push_to_hub, exist_ok=True)
-            upload_folder(
-                repo_id=args.push_to_hub, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"],
-                commit_message=f"Train {model_config.model_type} for {state.step} steps",
-            )  # fmt: skip
+            push_output_dir(output_dir, args.push_to_hub, f"Train {model_config.model_type} for {state.step} steps")
         print(
             f"done: step {state.step} in {state.train_time:.0f} s; test PSNR {final['psnr']:.2f} dB, "
             f"SSIM {final['ssim']:.3f}; {model_config.bytes_per_image} bytes per image; codewords used over "

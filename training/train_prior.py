@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,6 @@ from typing import Literal
 import torch
 from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
-from huggingface_hub import create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -35,18 +33,20 @@ from common import (  # noqa: E402
     ConfigError,
     DataConfig,
     TrainerState,
+    TrainingClock,
     build_eval_dataloader,
     build_train_dataloader,
     config_to_dict,
     endless_batches,
     load_config,
+    push_output_dir,
     resolve_checkpoint,
     save_checkpoint,
     setup_accelerator,
 )
 
 from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM, QGVAEPipeline  # noqa: E402
-from qg_tokenizer.data import _load_splits  # noqa: E402
+from qg_tokenizer.data import load_image_splits  # noqa: E402
 from qg_tokenizer.tokenize import TOKEN_IDS_COLUMN, load_tokenizer, tokenize_dataset  # noqa: E402
 from qg_tokenizer.visualize import image_grid  # noqa: E402
 
@@ -66,7 +66,7 @@ class PriorTrainConfig:
     # optimisation
     batch_size: int = 64  # per process
     max_steps: int = 3000
-    max_train_time: float | None = None  # seconds; stop after the first step past this wall-clock budget
+    max_train_time: float | None = None  # seconds of training (evaluations, checkpoints excluded); stop past it
     learning_rate: float = 1e-3
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -109,7 +109,7 @@ def load_token_splits(cfg: PriorTrainConfig, vqvae, processor) -> tuple[Dataset,
     else:
         if vqvae is None:
             raise ConfigError("set `tokens` (a tokenised data set folder) or `tokenizer` (to tokenise data.source)")
-        images = _load_splits(cfg.data.source, False, cfg.data.name)
+        images = load_image_splits(cfg.data.source, False, cfg.data.name)
         chosen = {s: images[s] for s in (cfg.data.train_split, cfg.data.eval_split) if s in images}
         splits = tokenize_dataset(
             DatasetDict(chosen), vqvae, processor, image_column=cfg.data.image_column, keep_columns=keep
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
         total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
     model.train()
-    loop_start, time_before = time.perf_counter(), state.train_time
+    clock = TrainingClock(state)
     while state.step < cfg.max_steps:
         input_ids = next(batches)
         with accelerator.autocast():
@@ -297,10 +297,8 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
         state.step += 1
         progress.update(1)
 
-        state.train_time = time_before + time.perf_counter() - loop_start
-        out_of_time = cfg.max_train_time is not None and state.train_time >= cfg.max_train_time
-        if cfg.max_train_time is not None:  # every process stops at the same step
-            out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device)) > 0)
+        clock.tick()
+        out_of_time = clock.out_of_time(cfg.max_train_time, accelerator)
         last = out_of_time or state.step >= cfg.max_steps
 
         if state.step % cfg.log_every == 0:
@@ -310,11 +308,12 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
                 logs["grad_norm"] = float(grad_norm)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", bits=f"{logs['bits_per_image']:.1f}")
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-        if state.step % cfg.eval_every == 0 and not last:
-            metrics = run_evaluation(eval_loader)
-            progress.write(f"step {state.step}: held-out {metrics['bits_per_image']:.2f} bits per image")
-        if state.step % cfg.checkpoint_every == 0:
-            save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+        with clock.paused():
+            if state.step % cfg.eval_every == 0 and not last:
+                metrics = run_evaluation(eval_loader)
+                progress.write(f"step {state.step}: held-out {metrics['bits_per_image']:.2f} bits per image")
+            if state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
         if out_of_time:
             break
     progress.close()
@@ -326,10 +325,7 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
         "model_type": prior_config.model_type,
         "vocab_layout": prior_config.vocab_layout,
         "num_parameters": sum(p.numel() for p in prior.parameters()),
-        "step": state.step,
-        "train_time": state.train_time,
-        "seconds_per_step": state.train_time / max(state.step, 1),
-        "num_processes": accelerator.num_processes,
+        **state.summary(accelerator.num_processes),
         "uniform_bits_per_image": prior_config.num_image_tokens * math.log2(prior_config.codebook_size),
         "eval": final,
         "history": state.history,
@@ -341,11 +337,7 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
             pipe.save_pretrained(output_dir / "pipeline")
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         if args.push_to_hub:
-            create_repo(args.push_to_hub, exist_ok=True)
-            upload_folder(
-                repo_id=args.push_to_hub, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"],
-                commit_message=f"Train qgprior for {state.step} steps",
-            )  # fmt: skip
+            push_output_dir(output_dir, args.push_to_hub, f"Train qgprior for {state.step} steps")
         print(
             f"done: step {state.step} in {state.train_time:.0f} s; held-out {final['bits_per_image']:.2f} bits per "
             f"image (uniform: {results['uniform_bits_per_image']:.0f}); saved to {output_dir}"

@@ -1,0 +1,150 @@
+"""The equal-bytes benchmark's bookkeeping: its generated training configs, interpolation, claim verdicts, and the
+README results block, which must be exactly what the committed results JSON renders to."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qg_tokenizer import PatchVQVAEConfig, QGVAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "training"))
+
+import rate_distortion as rd  # noqa: E402
+from common import build_model_config  # noqa: E402
+
+
+@pytest.mark.parametrize("dataset", list(rd.DATASETS))
+def test_generated_configs_are_equal_budget_and_load(dataset, tmp_path):
+    configs = {}
+    for model_type in rd.PRESETS:
+        run = rd.Run("r", dataset, model_type, 0, 1e-3, 32, 10, 5, 100)
+        train = run.train_config(tmp_path)
+        configs[model_type] = build_model_config(train["model"])
+        assert train["codebook_learning_rate"] == pytest.approx(1e-2)
+        assert configs[model_type].commitment_loss_weight == 0.1 and configs[model_type].reset_interval == 50
+    qg, patch = configs["qgvae"], configs["patch_vqvae"]
+    assert isinstance(qg, QGVAEConfig) and isinstance(patch, PatchVQVAEConfig)
+    assert qg.bytes_per_image == patch.bytes_per_image and qg.num_tokens == patch.num_tokens
+    assert qg.token_dropout_prob > 0 and patch.token_dropout_prob == 0
+
+
+def test_ablation_runs_differ_only_in_reset_or_dropout(tmp_path):
+    settings = {m: rd.DEFAULT_SETTING for m in rd.PRESETS}
+    headline, (no_reset, no_dropout) = rd.plan(rd.MODES["quick"], settings)
+    base = next(r for r in headline if r.dataset == "mnist" and r.model_type == "qgvae")
+    base_model = base.train_config(tmp_path)["model"]
+    assert no_reset.train_config(tmp_path)["model"] == base_model | {"reset_interval": rd.NO_RESET}
+    assert no_dropout.train_config(tmp_path)["model"] == base_model | {"token_dropout_prob": 0.0}
+    # the pairs compared in the headline share every training setting but the model
+    pairs = {(r.dataset, r.seed): [] for r in headline}
+    for run in headline:
+        pairs[(run.dataset, run.seed)].append(run)
+    for qg, patch in pairs.values():
+        assert (qg.max_steps, qg.seed, qg.eval_every) == (patch.max_steps, patch.seed, patch.eval_every)
+
+
+def test_psnr_at_time_interpolates_and_clamps():
+    history = [{"train_time": 10.0, "psnr": 12.0}, {"train_time": 30.0, "psnr": 16.0}]
+    assert rd.psnr_at_time(history, 20.0) == pytest.approx(14.0)
+    assert rd.psnr_at_time(history, 5.0) == 12.0 and rd.psnr_at_time(history, 99.0) == 16.0
+
+
+def test_paired_difference():
+    result = rd.paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
+    assert result["mean"] == pytest.approx(3.0)
+    low, high = result["ci95"]
+    assert low < 3.0 < high and high - low == pytest.approx(2 * 1.96 * 1.0 / 3**0.5)
+
+
+def test_best_fitting_ignores_partial_fits():
+    rows = [
+        {"name": "a", "fraction_fit": 0.4, "psnr": 40.0},
+        {"name": "b", "fraction_fit": 1.0, "psnr": 20.0},
+        {"name": "c", "fraction_fit": 1.0, "psnr": 25.0},
+        {"name": "d", "fraction_fit": 0.0, "psnr": None},
+    ]
+    assert rd.best_fitting(rows)["name"] == "c"
+    assert rd.best_fitting(rows[:1]) is None
+
+
+RESULTS = ROOT / "benchmarks" / "results" / "rate_distortion.json"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    if not RESULTS.is_file():
+        pytest.fail(f"{RESULTS} is missing: run `python benchmarks/rate_distortion.py --update-readme`")
+    return json.loads(RESULTS.read_text())
+
+
+def test_readme_results_block_is_generated_from_the_json(results):
+    assert rd.render_claims(results) in (ROOT / "README.md").read_text(), (
+        "README.md's results block differs from benchmarks/results/rate_distortion.json: "
+        "run `python benchmarks/rate_distortion.py --update-readme`"
+    )
+
+
+def test_claim_verdicts_follow_the_numbers(results):
+    """Re-deriving the claims from the stored measurements gives the stored verdicts; flipping the comparison of
+    QG-VAE and the patch VQ-VAE flips the first verdict."""
+    assert rd.evaluate_claims(results) == results["claims"]
+    swapped = copy.deepcopy(results)
+    for data in swapped["datasets"].values():
+        for seed in data["seeds"]:
+            seed["qgvae"]["psnr"], seed["patch_vqvae"]["psnr"] = seed["patch_vqvae"]["psnr"], seed["qgvae"]["psnr"]
+    first = {c["dataset"]: c["holds"] for c in results["claims"] if c["claim"].startswith("QG-VAE beats the patch")}
+    flipped = {c["dataset"]: c["holds"] for c in rd.evaluate_claims(swapped) if c["claim"].startswith("QG-VAE beats the patch")}
+    for dataset, holds in first.items():
+        diffs = [s["qgvae"]["psnr"] - s["patch_vqvae"]["psnr"] for s in results["datasets"][dataset]["seeds"]]
+        if all(d != 0 for d in diffs) and len(set(d > 0 for d in diffs)) == 1:
+            assert flipped[dataset] == (not holds)
+
+
+def test_figures_linked_from_readme_exist(results):
+    for path in results["figures"].values():
+        assert (ROOT / path).is_file(), path
+
+
+def test_readme_generation_block_is_generated_from_the_json():
+    import prior
+
+    path = ROOT / "benchmarks" / "results" / "prior.json"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `python benchmarks/prior.py ... --update-readme`")
+    results = json.loads(path.read_text())
+    assert prior.evaluate_claims(results) == results["claims"]
+    assert results["chosen_layout"] == prior.choose_layout(results["bits_per_image"])
+    assert prior.render_prior(results) in (ROOT / "README.md").read_text()
+
+
+def test_prior_layout_choice_and_claims_follow_the_numbers():
+    import prior
+
+    bits = {
+        "qgvae/offset": {"bits_per_image": 60.0}, "qgvae/shared": {"bits_per_image": 58.0},
+        "patch/offset": {"bits_per_image": 70.0}, "patch/shared": {"bits_per_image": 57.0},
+    }  # fmt: skip
+    assert prior.choose_layout(bits) == "shared"  # decided on QG-VAE tokens only
+    results = {
+        "layouts": ["offset", "shared"], "bits_per_image": bits,
+        "samples": {"qgvae": {"guidance_1": {"accuracy": 0.9}, "guidance_3": {"accuracy": 0.85}}},
+    }  # fmt: skip
+    holds = [c["holds"] for c in prior.evaluate_claims(results)]
+    assert holds == [True, False, True]  # offset: 60 < 70 holds; shared: 58 > 57 does not; guided 85% >= 80%
+    results["samples"]["qgvae"]["guidance_3"]["accuracy"] = 0.75  # only the unguided samples reach 80%
+    assert [c["holds"] for c in prior.evaluate_claims(results)][-1] is False
+
+
+def test_influence_area_is_the_evenly_changed_fraction():
+    import torch
+
+    influence = torch.zeros(1, 3, 10, 10)
+    influence[0, 0] = 0.2  # everywhere
+    influence[0, 1, :5, :2] = 3.0  # 10 of 100 pixels
+    influence[0, 2, 0, 0] = 1.0  # one pixel
+    torch.testing.assert_close(rd.influence_area(influence), torch.tensor([[1.0, 0.1, 0.01]]))
