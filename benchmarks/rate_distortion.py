@@ -25,7 +25,8 @@ faster of the pair, read (linearly interpolated) from its evaluation history.
 
 Writes `benchmarks/results/rate_distortion[_quick].json`, figures under `benchmarks/results/figures/` and, with
 `--update-readme`, the "Results: equal bytes" table of README.md (generated from the JSON by `render_claims`).
-`--quick` (one seed, short runs, no sweep, a subset for the codecs) takes under 10 minutes; the full run under 60.
+`--quick` (one seed, short runs, no sweep, the first 300 test images) takes under 10 minutes and is a smoke test,
+not a result; the full run takes under 60.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ PRESETS = {"qgvae": QGVAE_PRESETS, "patch_vqvae": PATCH_VQVAE_PRESETS}
 RECIPE = {"commitment_loss_weight": 0.1, "reset_interval": 50}  # the mnist-demo recipe, for both models
 CODEBOOK_LR_FACTOR = 10
 NO_RESET = 10**9  # a reset interval no run reaches
+# diagnostic (capacity): QG-VAE "mnist-cpu" keeps 60% of its parameters in its 16 codebooks (16 x 512 x 64); with
+# D = 16 and wider convolutions it has the same parameter count (+0.4%) and twice the patch model's share in convs
+CAPACITY_OVERRIDES = (("codeword_dim", 16), ("max_channels", 64))
 # a pixel "changes" when it moves by more than this fraction of the [0, 1] range (1%: about 2.5 grey levels, the
 # claim's threshold, the default of `influence_coverage`; 5%: a clearly visible change, reported alongside)
 INFLUENCE_THRESHOLDS = (0.01, 0.05)
@@ -86,7 +90,9 @@ class Dataset:
 
 
 DATASETS = {
-    "mnist": Dataset("mnist", "mnist-cpu", EMBEDDED_MNIST, False, (1, 2, 3, 4, 6, 8, 12, 16), (6, 9, 12, 36, 72, 144, 288)),
+    "mnist": Dataset(
+        "mnist", "mnist-cpu", EMBEDDED_MNIST, False, (1, 2, 3, 4, 6, 8, 12, 16), (6, 9, 12, 36, 72, 144, 288)
+    ),
     "photos32": Dataset(
         "photos32", "photos32-cpu", str(DEFAULT_PHOTOS), True, (1, 2, 4, 8, 16, 32, 48, 64), (18, 36, 54, 144, 288)
     ),
@@ -104,11 +110,18 @@ class Mode:
     influence_images: int
     usage_images: int  # training images encoded at the end of a run to measure codebook usage (500 in the sweep)
     long_factor: int | None = None  # diagnostic: the MNIST seed-0 pair again at this many times the steps
+    capacity: bool = False  # diagnostic: the MNIST seed-0 QG-VAE with CAPACITY_OVERRIDES
+    test_images: int | None = None  # the analysis uses the first this many test images (None: all)
 
 
 MODES = {
-    "quick": Mode((0,), {"mnist": 200, "photos32": 30}, {"mnist": 100, "photos32": 30}, None, 20, 100, 4, 1000),
-    "full": Mode((0, 1), {"mnist": 600, "photos32": 300}, {"mnist": 150, "photos32": 150}, 90.0, 100, None, 16, 3000, 4),
+    "quick": Mode(
+        (0,), {"mnist": 150, "photos32": 20}, {"mnist": 75, "photos32": 20}, None, 20, 100, 4, 1000, test_images=300
+    ),
+    "full": Mode(
+        (0, 1), {"mnist": 600, "photos32": 300}, {"mnist": 150, "photos32": 150}, 90.0, 100, None, 16, 3000,
+        long_factor=4, capacity=True,
+    ),
 }
 SWEEP = ((3e-4, 32), (1e-3, 32), (3e-3, 32), (1e-3, 16))  # (learning rate, batch size)
 DEFAULT_SETTING = (1e-3, 32)
@@ -265,7 +278,7 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
 
 
 def codec_rows(codecs: dict) -> list[dict]:
-    """Flat JPEG/WebP variants (codec x accounting x direct/resized) with their fit fraction, PSNR and per-image PSNR."""
+    """Flat JPEG/WebP variants (codec x accounting x direct/resized): fit fraction, PSNR, SSIM and per-image PSNR."""
     return [
         {"name": f"{codec} {accounting} {variant}", **{k: s[k] for k in ("fraction_fit", "psnr", "ssim", "mean_bytes")},
          "psnr_per_image": s["psnr_per_image"]}
@@ -276,7 +289,8 @@ def codec_rows(codecs: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ the benchmark
 def plan(mode: Mode, settings: dict[str, tuple[float, int]]) -> tuple[list[Run], list[Run], list[Run]]:
-    """Headline runs (both models, every seed, both datasets), the MNIST ablations and the longer MNIST pair."""
+    """Headline runs (both models, every seed, both datasets), the MNIST ablations and the diagnostics (the longer
+    MNIST pair, the QG-VAE with its parameters moved from codebooks to convolutions)."""
     headline = [
         Run(f"{dataset}-{model_type}-seed{seed}", dataset, model_type, seed, *settings[model_type],
             mode.steps[dataset], mode.eval_every[dataset], mode.usage_images)
@@ -287,12 +301,14 @@ def plan(mode: Mode, settings: dict[str, tuple[float, int]]) -> tuple[list[Run],
         replace(base, name="mnist-qgvae-no-reset", model_overrides=(("reset_interval", NO_RESET),)),
         replace(base, name="mnist-qgvae-no-dropout", model_overrides=(("token_dropout_prob", 0.0),)),
     ]
-    long = [
+    diagnostics = [
         replace(r, name=f"{r.name}-x{mode.long_factor}", max_steps=r.max_steps * mode.long_factor,
                 eval_every=r.eval_every * mode.long_factor)
         for r in headline if mode.long_factor and r.dataset == "mnist" and r.seed == mode.seeds[0]
     ]  # fmt: skip
-    return headline, ablations, long
+    if mode.capacity:
+        diagnostics.append(replace(base, name="mnist-qgvae-d16", model_overrides=CAPACITY_OVERRIDES))
+    return headline, ablations, diagnostics
 
 
 def run_sweep(mode: Mode, workdir: Path, jobs: int) -> tuple[dict, list[dict]]:
@@ -386,16 +402,17 @@ def evaluate_claims(results: dict) -> list[dict]:
         coverage = {m: {t: statistics.mean(s[m]["influence_coverage"][f"{t:g}"] for s in seeds)
                         for t in INFLUENCE_THRESHOLDS} for m in PRESETS}  # fmt: skip
         threshold = INFLUENCE_THRESHOLDS[0]
+        fractions = {m: " / ".join(f"{c:.0%}" for c in coverage[m].values()) for m in PRESETS}
+        areas = {m: statistics.mean(s[m]["influence_area"] for s in seeds) for m in PRESETS}
         claims.append({
             "claim": "tokens are global: one token changes most pixels, a patch token a compact region",
             "dataset": name,
             "measured": "pixels a token changes by > " + " / > ".join(f"{t:.0%}" for t in INFLUENCE_THRESHOLDS)
-                        + " of the range: " + ", ".join(
-                            f"{MODEL_NAMES[m]} " + " / ".join(f"{c:.0%}" for c in coverage[m].values()) for m in PRESETS)
-                        + "; effective area (participation ratio, no threshold): " + ", ".join(
-                            f"{MODEL_NAMES[m]} {statistics.mean(s[m]['influence_area'] for s in seeds):.0%}"
-                            for m in PRESETS),
-            "holds": coverage["qgvae"][threshold] > GLOBAL_COVERAGE and coverage["patch_vqvae"][threshold] < LOCAL_COVERAGE,
+                        + " of the range: " + ", ".join(f"{MODEL_NAMES[m]} {fractions[m]}" for m in PRESETS)
+                        + "; effective area (participation ratio, no threshold): "
+                        + ", ".join(f"{MODEL_NAMES[m]} {areas[m]:.0%}" for m in PRESETS),
+            "holds": coverage["qgvae"][threshold] > GLOBAL_COVERAGE
+                     and coverage["patch_vqvae"][threshold] < LOCAL_COVERAGE,
             "target": f"> {GLOBAL_COVERAGE:.0%} vs < {LOCAL_COVERAGE:.0%} (at {threshold:.0%})",
             "target_met": None,
         })  # fmt: skip
@@ -460,6 +477,21 @@ def evaluate_claims(results: dict) -> list[dict]:
                 "holds": qg_long["psnr"] > patch_long["psnr"],
                 "target": f">= {TARGET_MARGIN_DB:g} dB",
                 "target_met": qg_long["psnr"] - patch_long["psnr"] >= TARGET_MARGIN_DB,
+            })  # fmt: skip
+        capacity = data.get("capacity")
+        if capacity:
+            patch0 = seeds[0]["patch_vqvae"]
+            claims.append({
+                "claim": "diagnostic (capacity): QG-VAE with codeword_dim 16 and 64-wide convolutions (same "
+                         "parameters) vs the patch VQ-VAE",
+                "dataset": name,
+                "measured": f"{capacity['psnr']:.2f} vs {patch0['psnr']:.2f} dB at {capacity['steps']} steps, "
+                            f"{capacity['parameters']:,} parameters (seed 0; D=64: {seeds[0]['qgvae']['psnr']:.2f} "
+                            "dB); "
+                            f"{capacity['seconds_per_step']:.2f} vs {patch0['seconds_per_step']:.2f} s/step",
+                "holds": capacity["psnr"] > patch0["psnr"],
+                "target": f">= {TARGET_MARGIN_DB:g} dB",
+                "target_met": capacity["psnr"] - patch0["psnr"] >= TARGET_MARGIN_DB,
             })  # fmt: skip
     return claims
 
@@ -640,7 +672,7 @@ def update_readme(block: str, path: Path = README) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed, short runs, no sweep (under 10 minutes)")
-    parser.add_argument("--workdir", type=Path, default=None, help="training runs (default outputs/rate-distortion[-quick])")
+    parser.add_argument("--workdir", type=Path, help="training runs (default outputs/rate-distortion[-quick])")
     parser.add_argument("--jobs", type=int, default=2, help="training runs side by side, one thread each")
     parser.add_argument("--update-readme", action="store_true", help="rewrite README.md's results block")
     args = parser.parse_args(argv)
@@ -653,8 +685,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"[{time.perf_counter() - start:5.0f} s] sweep", flush=True)
     settings, sweep = run_sweep(mode, workdir, args.jobs)
-    headline, ablations, long = plan(mode, settings)
-    runs = headline + ablations + long
+    headline, ablations, diagnostics = plan(mode, settings)
+    runs = headline + ablations + diagnostics
     print(f"[{time.perf_counter() - start:5.0f} s] training {len(runs)} runs", flush=True)
     trained = train_all(runs, workdir, args.jobs)
 
@@ -663,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
                "file": f"rate_distortion{suffix}.json", "mode": mode_name, "seeds": list(mode.seeds),
                "settings": settings, "sweep": sweep, "datasets": {}, "figures": {}}  # fmt: skip
     for name, dataset in DATASETS.items():
-        uint8_images = test_images(name)
+        uint8_images = test_images(name)[: mode.test_images]
         images = to_tensor(uint8_images)
         budget = PRESETS["qgvae"][dataset.preset]
         budget = math.ceil(budget["num_tokens"] * math.log2(budget["codebook_size"]) / 8)
@@ -688,8 +720,10 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "mnist":
             no_reset, no_dropout = ablations
             data["ablations"] = {"no_reset": analyse(no_reset, ()), "no_dropout": analyse(no_dropout)}
-            if long:
-                data["long"] = {"factor": mode.long_factor} | {r.model_type: analyse(r, ()) for r in long}
+            if mode.long_factor:
+                data["long"] = {"factor": mode.long_factor} | {r.model_type: analyse(r, ()) for r in diagnostics[:2]}
+            if mode.capacity:
+                data["capacity"] = analyse(diagnostics[-1], ()) | {"overrides": dict(CAPACITY_OVERRIDES)}
         print(f"[{time.perf_counter() - start:5.0f} s] {name}: JPEG/WebP", flush=True)
         variants, data["codec_curve"] = compare_codecs(dataset, mode, uint8_images, budget)
         qg_per_image = seeds[0]["qgvae"]["psnr_per_image"]
