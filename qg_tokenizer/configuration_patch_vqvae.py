@@ -31,7 +31,7 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
 
     An image `[B, num_channels, image_size, image_size]` in [0, 1] becomes a `grid_size` x `grid_size` grid of tokens
     (C = grid_size**2, raster order), each an index into ONE shared codebook of `codebook_size` (K) codewords of
-    dimension `codeword_dim` (D). The image is zero-padded (centred) to `padded_size = grid_size * 2**L`, the smallest
+    dimension `codeword_dim` (D), or, with `per_token_codebooks`, into its grid cell's own codebook (as QG-VAE). The image is zero-padded (centred) to `padded_size = grid_size * 2**L`, the smallest
     such size >= image_size, so that L stride-2 convolutions reach the grid exactly (28 -> 32 -> 16 -> 8 -> 4 for
     MNIST with a 4x4 grid; 32 -> 16 -> 8 without padding for an 8x8 grid); the decoder crops the padding off again.
 
@@ -49,6 +49,8 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
         reset_interval: training steps between two Voronoi resets of the codebook (as QG-VAE).
         token_dropout_prob: fraction of training samples whose raster-order token suffix is zeroed (QG-VAE's
             ordering regulariser); 0, a plain VQ-VAE, in the presets.
+        per_token_codebooks: give every grid cell its own codebook (C x K codewords, QG-VAE's quantiser) instead of
+            one shared by all cells: a diagnostic that separates QG-VAE's per-token codebooks from its global tokens.
     """
 
     model_type = "patch_vqvae"
@@ -67,6 +69,7 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
         commitment_loss_weight: float = 1.0,
         reset_interval: int = 100,
         token_dropout_prob: float = 0.0,
+        per_token_codebooks: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -81,6 +84,7 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
         self.commitment_loss_weight = commitment_loss_weight
         self.reset_interval = reset_interval
         self.token_dropout_prob = token_dropout_prob
+        self.per_token_codebooks = per_token_codebooks
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate_patch_vqvae()
@@ -111,6 +115,8 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
         check_non_negative_fields(self, ("codebook_loss_weight", "commitment_loss_weight"))
         if not 0.0 <= float(self.token_dropout_prob) <= 1.0:
             raise ValueError(f"PatchVQVAEConfig.token_dropout_prob must be in [0, 1], got {self.token_dropout_prob}")
+        if not isinstance(self.per_token_codebooks, bool):
+            raise TypeError(f"PatchVQVAEConfig.per_token_codebooks must be a bool, got {self.per_token_codebooks!r}")
 
     @property
     def num_tokens(self) -> int:

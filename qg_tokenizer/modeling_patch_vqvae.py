@@ -123,6 +123,7 @@ class PatchVQVAEModel(ImageTokenizerMixin, PatchVQVAEPreTrainedModel):
     `reset_statistic` and `usage_counts` `[1, K]`): the grid is quantised as `B * h * w` one-token rows, so the losses,
     the fp32 nearest search and the Voronoi reset are the QG-VAE's own. Its global offset is then one D-vector added
     to every codeword; it starts at zero (a plain VQ-VAE) and is trained like any decoder bias.
+    `config.per_token_codebooks` gives each grid cell its own codebook (`[C, K, D]`), quantised like QG-VAE's tokens.
     `decode(ids, num_tokens=k)` keeps the first k tokens in raster order and feeds zero vectors for the rest, as
     QG-VAE does with its suffix; `token_dropout_prob` (0 in the presets) would train for that.
     """
@@ -130,7 +131,8 @@ class PatchVQVAEModel(ImageTokenizerMixin, PatchVQVAEPreTrainedModel):
     def __init__(self, config: PatchVQVAEConfig):
         super().__init__(config)
         self.encoder = PatchVQVAEEncoder(config)
-        self.quantizer = PerTokenQuantizer(1, config.codebook_size, config.codeword_dim)
+        num_codebooks = config.num_tokens if config.per_token_codebooks else 1
+        self.quantizer = PerTokenQuantizer(num_codebooks, config.codebook_size, config.codeword_dim)
         self.decoder = PatchVQVAEDecoder(config)
         self.post_init()
 

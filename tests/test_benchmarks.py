@@ -4,6 +4,7 @@ README results block, which must be exactly what the committed results JSON rend
 import copy
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_generated_configs_are_equal_budget_and_load(dataset, tmp_path):
 
 def test_ablation_runs_differ_only_in_reset_or_dropout(tmp_path):
     settings = {m: rd.DEFAULT_SETTING for m in rd.PRESETS}
-    headline, (no_reset, no_dropout), (*long, capacity) = rd.plan(rd.MODES["full"], settings)
+    headline, (no_reset, no_dropout), (*long, capacity, per_token) = rd.plan(rd.MODES["full"], settings)
     base = next(r for r in headline if r.dataset == "mnist" and r.model_type == "qgvae")
     base_model = base.train_config(tmp_path)["model"]
     assert no_reset.train_config(tmp_path)["model"] == base_model | {"reset_interval": rd.NO_RESET}
@@ -53,6 +54,12 @@ def test_ablation_runs_differ_only_in_reset_or_dropout(tmp_path):
     counts = [sum(p.numel() for p in m.parameters()) for m in models]
     assert abs(counts[1] / counts[0] - 1) < 0.01
     assert models[1].config.codeword_dim < models[0].config.codeword_dim
+    # the per-token diagnostic: the seed-0 patch run with a codebook per cell, within 5% of QG-VAE's parameters
+    patch = next(r for r in headline if (r.dataset, r.model_type, r.seed) == ("mnist", "patch_vqvae", 0))
+    assert replace(per_token, name=patch.name, model_overrides=()) == patch
+    model = rd.AutoModel.from_config(build_model_config(per_token.train_config(tmp_path)["model"]))
+    assert model.quantizer.codebook.shape[0] == model.config.num_tokens == models[0].config.num_tokens
+    assert abs(sum(p.numel() for p in model.parameters()) / counts[0] - 1) < 0.05
     # the pairs compared in the headline share every training setting but the model
     pairs = {(r.dataset, r.seed): [] for r in headline}
     for run in headline:

@@ -88,6 +88,27 @@ def test_token_ids_are_nearest_codeword_of_shared_codebook(mnist_model):
     torch.testing.assert_close(encoded.codebook_loss, (z - codebook[brute]).square().mean())
 
 
+def test_per_token_codebooks_quantise_each_cell_against_its_own_codebook(tmp_path):
+    model = make_model("mnist-cpu", per_token_codebooks=True, block_out_channels=[16, 24, 40, 56])
+    c, k, d = model.config.num_tokens, model.config.codebook_size, model.config.codeword_dim
+    assert model.quantizer.codebook.shape == (c, k, d) and model.quantizer.usage_counts.shape == (c, k)
+    x = images(model.config, 4)
+    z = model.encoder(x)  # (B, C, D)
+    codebooks = model.quantizer.codebook  # (C, K, D)
+    brute = ((z[:, :, None, :] - codebooks[None]) ** 2).sum(-1).argmin(-1)  # (B, C), cell c against codebook c
+    shared = ((z[:, :, None, :] - codebooks[0]) ** 2).sum(-1).argmin(-1)
+    encoded = model.encode(x)
+    assert torch.equal(encoded.token_ids, brute) and not torch.equal(brute, shared)
+    torch.testing.assert_close(encoded.quantized, codebooks[torch.arange(c), brute])
+    torch.testing.assert_close(model.decode(brute).pixel_values, model(x).reconstruction)
+    model.train()(x).loss.backward()
+    assert model.quantizer.usage_counts.sum(1).tolist() == [4] * c  # one count per image in each cell's codebook
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.config.per_token_codebooks is True
+    assert torch.equal(loaded.encode(x).token_ids, brute)
+
+
 def test_training_step_counts_usage_and_voronoi_reset_splits_live_cells():
     model = make_model("mnist-cpu").train()
     model(images(model.config, 16)).loss.backward()
@@ -202,6 +223,7 @@ def test_one_patch_token_changes_less_of_the_image_than_one_global_token():
         (dict(block_out_channels=[16, 32, 0, 64]), ValueError, "block_out_channels"),
         (dict(commitment_loss_weight=-1.0), ValueError, "commitment_loss_weight must be >= 0"),
         (dict(token_dropout_prob=1.5), ValueError, "token_dropout_prob"),
+        (dict(per_token_codebooks="yes"), TypeError, "per_token_codebooks must be a bool"),
     ],
 )
 def test_bad_config(overrides, error, match):
