@@ -163,6 +163,21 @@ def test_missing_dataset_is_a_config_error(tmp_path, source, message):
         train.main(tiny_argv(tmp_path / "out", Path(source)))
 
 
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("train.py", ["learning_rat=1e-3"], "error: unknown config key 'learning_rat'; known keys: output_dir,"),
+        ("train_prior.py", ["tokens=/nonexistent"], "error: tokens: '/nonexistent' is not a DatasetDict folder"),
+    ],
+)
+def test_scripts_end_a_config_error_with_one_line(tmp_path, script, argv, message):
+    command = [sys.executable, str(TRAINING / script), f"output_dir={tmp_path / 'out'}", *argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1 and done.stderr.startswith(message) and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_prefix_lengths():
     assert eval_prefix_lengths(16) == [2, 4, 8, 16]
     assert eval_prefix_lengths(256) == [32, 64, 128, 256]

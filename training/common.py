@@ -3,6 +3,7 @@ loaders and the evaluation loop."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import re
@@ -10,7 +11,7 @@ import shutil
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,26 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 class ConfigError(ValueError):
     """An invalid training configuration; the message names the offending key."""
+
+
+def parse_script_args(
+    argv: list[str] | None, description: str, config_class: type, artefact: str
+) -> argparse.Namespace:
+    """A training script's command line: `--config FILE`, `--resume`, `--push_to_hub REPO_ID`, `key=value` overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file of {config_class.__name__} keys")
+    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", help=f"upload the trained {artefact} folder to this repo")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
+    return parser.parse_args(argv)
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a training script's `main()`; an invalid configuration ends it with one `error: ...` line, no traceback."""
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ config parsing

@@ -10,7 +10,6 @@ image processor, model card) plus `results.json`, `checkpoints/`, `samples/` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -41,7 +40,9 @@ from common import (  # noqa: E402
     load_config,
     load_splits,
     push_output_dir,
+    parse_script_args,
     resolve_checkpoint,
+    run_script,
     save_checkpoint,
     setup_accelerator,
     write_model_card,
@@ -105,18 +106,9 @@ class TrainConfig:
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of TrainConfig keys (e.g. training/configs/mnist-demo.yaml)")
-    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the trained model folder to this hub repo")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> torch.nn.Module:
     """Train as configured by the command line `argv`; returns the trained (unwrapped) model."""
-    args = parse_args(argv)
+    args = parse_script_args(argv, __doc__, TrainConfig, artefact="model")
     cfg = load_config(TrainConfig, args.config, args.overrides)
     output_dir = Path(cfg.output_dir)
 
@@ -354,7 +346,4 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main)

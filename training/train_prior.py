@@ -13,7 +13,6 @@ reaching into sections (`model.vocab_layout=shared data.source=embedded-mnist`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -40,7 +39,9 @@ from common import (  # noqa: E402
     endless_batches,
     load_config,
     push_output_dir,
+    parse_script_args,
     resolve_checkpoint,
+    run_script,
     save_checkpoint,
     setup_accelerator,
 )
@@ -190,18 +191,9 @@ def save_sample_grid(pipe: QGVAEPipeline, cfg: PriorTrainConfig, path: Path) -> 
     image_grid(list(images.split(cfg.samples_per_class))).save(path)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of PriorTrainConfig keys (e.g. training/configs/prior-mnist.yaml)")
-    parser.add_argument("--resume", help="'latest' (the newest checkpoint in output_dir) or a checkpoint folder")
-    parser.add_argument("--push_to_hub", metavar="REPO_ID", help="upload the trained prior folder to this hub repo")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
     """Train as configured by the command line `argv`; returns the trained (unwrapped) prior."""
-    args = parse_args(argv)
+    args = parse_script_args(argv, __doc__, PriorTrainConfig, artefact="prior")
     cfg = load_config(PriorTrainConfig, args.config, args.overrides)
     output_dir = Path(cfg.output_dir)
 
@@ -347,7 +339,4 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main)
