@@ -8,17 +8,20 @@ Layout (all integers big-endian, `HEADER_NUM_BYTES` = 20):
     | offset | bytes | field        | type     | meaning                                                  |
     |--------|-------|--------------|----------|----------------------------------------------------------|
     | 0      | 3     | magic        | b"QGT"   | identifies a QG-VAE token stream                         |
-    | 3      | 1     | version      | uint8    | `FORMAT_VERSION` (= 1)                                   |
+    | 3      | 1     | version      | uint8    | `FORMAT_VERSION` (= 2)                                   |
     | 4      | 2     | num_tokens   | uint16   | C, tokens per image of the model                         |
     | 6      | 4     | codebook_size| uint32   | K, codewords per codebook (2 <= K < 2**32)               |
     | 10     | 2     | num_kept     | uint16   | k, tokens stored in the payload (1 <= k <= C)            |
-    | 12     | 8     | fingerprint  | 8 bytes  | `fingerprint(codebook, offset)` of the model             |
+    | 12     | 4     | fingerprint  | 4 bytes  | `fingerprint(codebook, offset)` of the model             |
+    | 16     | 4     | checksum     | uint32   | CRC-32 (zlib) of bytes 0-15 followed by the payload      |
     | 20     | P     | payload      | bytes    | P = `payload_num_bytes(k, K)` = ceil(k * log2(K) / 8)    |
 
 The payload is the integer sum_i ids[i] * K**(k - 1 - i) (base K, token 0 the most significant digit) written
 big-endian into exactly P = ceil(bit_length(K**k - 1) / 8) bytes, so any K costs k*log2(K) bits plus < 8 bits of
 padding per image. For K a power of two this is plain bit packing, which has a vectorised path giving the same bytes.
 Because token 0 is the most significant digit, a k-token prefix is not a byte prefix: use `truncate`.
+The checksum makes any change of up to 32 bits in a row (any flipped bit, any changed byte) an error instead of other
+tokens; version 1 (an 8-byte fingerprint and no checksum) is no longer read.
 
 Only the standard library and numpy are imported, so this file can sit next to the hub modeling files.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +44,7 @@ __all__ = [
     "MAGIC",
     "CodecError",
     "QGTokenStream",
+    "checksum",
     "decode_batch",
     "decode_tokens",
     "encode_batch",
@@ -50,10 +55,11 @@ __all__ = [
 ]
 
 MAGIC = b"QGT"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct(">3sBHIH8s")  # magic, version, C, K, k, fingerprint
+FORMAT_VERSION = 2
+_HEADER = struct.Struct(">3sBHIH4sI")  # magic, version, C, K, k, fingerprint, checksum
 HEADER_NUM_BYTES = _HEADER.size  # 20
-FINGERPRINT_NUM_BYTES = 8
+_CHECKED_HEADER_NUM_BYTES = HEADER_NUM_BYTES - 4  # the header bytes the checksum covers (all but itself)
+FINGERPRINT_NUM_BYTES = 4
 _MAX_NUM_TOKENS = 2**16 - 1
 _MAX_CODEBOOK_SIZE = 2**32 - 1
 
@@ -71,7 +77,7 @@ class QGTokenStream:
         num_tokens: C, tokens per image of the model that made the stream.
         codebook_size: K, codewords per codebook.
         num_kept: k, how many leading tokens the stream holds (1 <= k <= C).
-        fingerprint: the 8-byte `fingerprint` of the model's codebooks.
+        fingerprint: the 4-byte `fingerprint` of the model's codebooks.
     """
 
     token_ids: np.ndarray
@@ -99,7 +105,7 @@ def _check_fingerprint(value: object) -> bytes:
 
 
 def fingerprint(*arrays: np.ndarray) -> bytes:
-    """8 bytes identifying a model's codebooks: sha256 over each array's shape and float32 little-endian values.
+    """4 bytes identifying a model's codebooks: sha256 over each array's shape and float32 little-endian values.
 
     Each array contributes `ndim` (uint32 big-endian), its shape (uint64 big-endian each) and its values cast to
     `<f4` in C order. The model passes its codebook `[C, K, D]` and offset `[C, D]`.
@@ -190,9 +196,15 @@ def _unpack(payload: bytes, codebook_size: int, num_kept: int) -> np.ndarray:
     return _unpack_bits(payload, bits, num_kept)
 
 
+def checksum(data: bytes) -> int:
+    """The CRC-32 a stream stores at bytes 16-19: of its bytes 0-15 followed by its payload (bytes 20 on)."""
+    return zlib.crc32(data[HEADER_NUM_BYTES:], zlib.crc32(data[:_CHECKED_HEADER_NUM_BYTES]))
+
+
 def _write(token_ids: np.ndarray, num_tokens: int, codebook_size: int, fingerprint: bytes) -> bytes:
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, num_tokens, codebook_size, token_ids.size, fingerprint)
-    return header + _pack(token_ids, codebook_size)
+    data = _HEADER.pack(MAGIC, FORMAT_VERSION, num_tokens, codebook_size, token_ids.size, fingerprint, 0)
+    data += _pack(token_ids, codebook_size)
+    return data[:_CHECKED_HEADER_NUM_BYTES] + checksum(data).to_bytes(4, "big") + data[HEADER_NUM_BYTES:]
 
 
 def encode_tokens(
@@ -206,7 +218,7 @@ def encode_tokens(
     Args:
         token_ids: integer `[C]`, values in [0, codebook_size).
         codebook_size: K, 2 <= K < 2**32.
-        fingerprint: 8 bytes from `fingerprint(codebook, offset)`.
+        fingerprint: 4 bytes from `fingerprint(codebook, offset)`.
         num_tokens: k, keep only the first k tokens (1 <= k <= C); default all C.
 
     Returns:
@@ -240,14 +252,15 @@ def decode_tokens(
     """Parse a stream from `encode_tokens`; the keyword arguments, when given, must match the stream's model.
 
     Raises:
-        CodecError: the bytes are not a valid stream, or it was made for a model with another C, K or fingerprint.
+        CodecError: the bytes are not a valid stream (wrong length, a header field out of range, a checksum that does
+            not match: the bytes changed after encoding), or it was made for a model with another C, K or fingerprint.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < HEADER_NUM_BYTES:
         raise CodecError(f"data is too short to hold a header: {len(data)} bytes < {HEADER_NUM_BYTES}")
-    magic, version, total, size, kept, stream_fingerprint = _HEADER.unpack_from(data)
+    magic, version, total, size, kept, stream_fingerprint, stored_checksum = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CodecError(f"not a QG-VAE token stream: magic is {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -256,6 +269,17 @@ def decode_tokens(
         raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
     if kept == 0 or kept > total:
         raise CodecError(f"invalid header: num_kept is {kept}, must be in [1, num_tokens={total}]")
+    payload = data[HEADER_NUM_BYTES:]
+    expected_bytes = payload_num_bytes(kept, size)
+    if len(payload) < expected_bytes:
+        raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
+    if len(payload) > expected_bytes:
+        raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, the header implies {expected_bytes}")
+    if checksum(data) != stored_checksum:
+        raise CodecError(
+            f"corrupt stream: checksum {checksum(data):08x} does not match the stored {stored_checksum:08x} (the bytes "
+            "changed after encoding)"
+        )
     for name, found, expected in (
         ("num_tokens", total, num_tokens),
         ("codebook_size", size, codebook_size),
@@ -266,12 +290,6 @@ def decode_tokens(
             raise CodecError(
                 f"the stream was made for another model: {name} is {found} in the stream, expected {expected}"
             )
-    payload = data[HEADER_NUM_BYTES:]
-    expected_bytes = payload_num_bytes(kept, size)
-    if len(payload) < expected_bytes:
-        raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
-    if len(payload) > expected_bytes:
-        raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, the header implies {expected_bytes}")
     token_ids = _unpack(payload, size, kept)
     token_ids.setflags(write=False)
     return QGTokenStream(token_ids, total, size, kept, stream_fingerprint)

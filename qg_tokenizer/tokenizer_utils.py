@@ -270,7 +270,7 @@ class ImageTokenizerMixin:
 
     # ---------------------------------------------------------------------------------------------- compression
     def codebook_fingerprint(self) -> bytes:
-        """8 bytes identifying this model's codebooks and offsets (written into every compressed stream)."""
+        """4 bytes identifying this model's codebooks and offsets (written into every compressed stream)."""
         return fingerprint(
             self.quantizer.codebook.detach().float().cpu().numpy(),
             self.quantizer.global_offset.detach().float().cpu().numpy(),

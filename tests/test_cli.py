@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
 from qg_tokenizer.cli import CLIError, main
-from qg_tokenizer.codec import HEADER_NUM_BYTES
+from qg_tokenizer.codec import HEADER_NUM_BYTES, checksum
 from qg_tokenizer.data import load_embedded_mnist
 from qg_tokenizer.visualize import prefix_lengths
 from tests.conftest import tiny_config
@@ -192,18 +192,20 @@ def stream_for(workspace: Path, model_dir: str) -> bytes:
 
 
 def header_with(data: bytes, **fields) -> bytes:
-    magic, version, c, k, kept, fingerprint = struct.unpack_from(">3sBHIH8s", data)
+    """`data` with these header fields changed and its checksum made valid again."""
+    magic, version, c, k, kept, fingerprint, _ = struct.unpack_from(">3sBHIH4sI", data)
     values = {"magic": magic, "version": version, "c": c, "k": k, "kept": kept, "fingerprint": fingerprint} | fields
-    return struct.pack(">3sBHIH8s", *values.values()) + data[HEADER_NUM_BYTES:]
+    changed = struct.pack(">3sBHIH4sI", *values.values(), 0) + data[HEADER_NUM_BYTES:]
+    return changed[:16] + checksum(changed).to_bytes(4, "big") + changed[HEADER_NUM_BYTES:]
 
 
 BAD_STREAMS = {
     "truncated": (lambda d: d[:-1], "truncated payload: 8 bytes, the header implies 9"),
     "header only": (lambda d: d[:HEADER_NUM_BYTES - 3], "too short to hold a header"),
-    "corrupt payload": (lambda d: d[:HEADER_NUM_BYTES] + b"\xff" * 9, "corrupt payload: token 0 decodes to"),
+    "corrupt payload": (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt stream: checksum"),
     "corrupt header": (lambda d: header_with(d, kept=9), "num_kept is 9, must be in [1, num_tokens=8]"),
     "wrong magic": (lambda d: b"PNG" + d[3:], "not a QG-VAE token stream: magic is b'PNG'"),
-    "wrong version": (lambda d: header_with(d, version=2), "unsupported format version 2"),
+    "wrong version": (lambda d: header_with(d, version=1), "unsupported format version 1"),
 }
 
 
