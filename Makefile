@@ -17,4 +17,7 @@ demo: install
 test: install
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
 
-.PHONY: install demo test
+lint: install
+	$(BIN)/ruff check .
+
+.PHONY: install demo test lint

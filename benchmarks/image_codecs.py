@@ -42,7 +42,7 @@ import PIL.Image
 import torch
 
 from qg_tokenizer import QGVAEConfig
-from qg_tokenizer.data import MNIST_PATH, MNIST_NUM_TRAIN
+from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH
 from qg_tokenizer.metrics import psnr, ssim
 
 SCALES = (1.0, 7 / 8, 3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4)

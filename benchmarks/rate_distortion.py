@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
         budget = PRESETS["qgvae"][dataset.preset]
         budget = math.ceil(budget["num_tokens"] * math.log2(budget["codebook_size"]) / 8)
 
-        def analyse(run: Run, prefixes: tuple[int, ...] = dataset.prefixes) -> dict:
+        def analyse(run: Run, prefixes: tuple[int, ...] = dataset.prefixes, images: torch.Tensor = images) -> dict:
             analysis = analyse_model(workdir / run.name, images, prefixes, mode.influence_images)
             return summarize_run(trained[run.name], analysis)
 

@@ -31,9 +31,10 @@ class PatchVQVAEConfig(TokenBudgetConfigMixin, PretrainedConfig):
 
     An image `[B, num_channels, image_size, image_size]` in [0, 1] becomes a `grid_size` x `grid_size` grid of tokens
     (C = grid_size**2, raster order), each an index into ONE shared codebook of `codebook_size` (K) codewords of
-    dimension `codeword_dim` (D), or, with `per_token_codebooks`, into its grid cell's own codebook (as QG-VAE). The image is zero-padded (centred) to `padded_size = grid_size * 2**L`, the smallest
-    such size >= image_size, so that L stride-2 convolutions reach the grid exactly (28 -> 32 -> 16 -> 8 -> 4 for
-    MNIST with a 4x4 grid; 32 -> 16 -> 8 without padding for an 8x8 grid); the decoder crops the padding off again.
+    dimension `codeword_dim` (D), or, with `per_token_codebooks`, into its grid cell's own codebook (as QG-VAE). The
+    image is zero-padded (centred) to `padded_size = grid_size * 2**L`, the smallest such size >= image_size, so that
+    L stride-2 convolutions reach the grid exactly (28 -> 32 -> 16 -> 8 -> 4 for MNIST with a 4x4 grid; 32 -> 16 -> 8
+    without padding for an 8x8 grid); the decoder crops the padding off again.
 
     Args:
         image_size: side of the square input images.

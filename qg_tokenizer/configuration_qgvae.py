@@ -6,7 +6,6 @@ from transformers import PretrainedConfig
 
 from .tokenizer_utils import TokenBudgetConfigMixin, check_int_fields, check_non_negative_fields
 
-
 QGVAE_PRESETS: dict[str, dict] = {
     # the reference demo notebook's CIFAR-10 model (6,228,750 trainable parameters there)
     "cifar10-demo": dict(

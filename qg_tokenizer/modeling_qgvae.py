@@ -120,7 +120,8 @@ class QGVAEHourglassLevel(nn.Module):
             inner_channels = self.inner.out_channels
         self.downsample, self.upsample = level >= skip_down, level >= skip_up
         if level < skip_down:  # decoder levels that keep the token-map resolution shrink their width instead
-            dim_out = out_channels if level == 0 and out_channels else min(config.min_channels * 2**level, inner_channels)
+            width = min(config.min_channels * 2**level, inner_channels)
+            dim_out = out_channels if level == 0 and out_channels else width
             mid = inner_channels
         else:
             dim_out = inner_channels if skip_up > level else channels

@@ -143,7 +143,8 @@ def voronoi_reset(
     live_order = torch.sort(statistic, dim=-1, descending=True, stable=True).indices
     num_resets = torch.minimum(dead.sum(-1), live.sum(-1))
     token, rank = (torch.arange(codebook_size, device=codebook.device) < num_resets[:, None]).nonzero(as_tuple=True)
-    noise = torch.rand(num_tokens, codebook_size, dim, generator=generator, device=generator.device if generator else None)
+    device = generator.device if generator else None
+    noise = torch.rand(num_tokens, codebook_size, dim, generator=generator, device=device)
     noise = (noise.to(codebook.device, codebook.dtype) * 2 - 1) * RESET_NOISE
     codebook[token, dead_order[token, rank]] = codebook[token, live_order[token, rank]] + noise[token, rank]
     return num_resets

@@ -142,7 +142,8 @@ class ImageTokenizerMixin:
         low, high = pixel_values.aminmax()
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(
-                f"pixel_values must be in [0, 1] (no normalisation), got values in [{low.item():.3g}, {high.item():.3g}]"
+                "pixel_values must be in [0, 1] (no normalisation), got values in "
+                f"[{low.item():.3g}, {high.item():.3g}]"
             )
 
     def _check_token_ids(self, token_ids: torch.Tensor) -> None:
@@ -159,7 +160,9 @@ class ImageTokenizerMixin:
                 f"[{token_ids.min().item()}, {token_ids.max().item()}]"
             )
 
-    def _token_mask(self, num_tokens: int | torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
+    def _token_mask(
+        self, num_tokens: int | torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor | None:
         """`[B, C]` float mask keeping the first `num_tokens` tokens (int, or `[B]` per image), or None for all."""
         if num_tokens is None:
             return None

@@ -10,7 +10,12 @@ from .conftest import tiny_config
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(num_channels=3), dict(downsample_factor=0), dict(num_channels=3, downsample_factor=2, num_res_blocks=2)],
+    [
+        dict(),
+        dict(num_channels=3),
+        dict(downsample_factor=0),
+        dict(num_channels=3, downsample_factor=2, num_res_blocks=2),
+    ],
 )
 def test_shapes_and_dtypes(overrides):
     torch.manual_seed(0)
@@ -59,7 +64,8 @@ def test_gradients_straight_through_and_codebook_only_from_codebook_term(tiny_mo
     out.codebook_loss.backward(retain_graph=True)
     grad = tiny_model.quantizer.codebook.grad
     assert grad.abs().sum() > 0
-    assert tiny_model.encoder.projection.weight.grad is None or tiny_model.encoder.projection.weight.grad.abs().sum() == 0
+    projection_grad = tiny_model.encoder.projection.weight.grad
+    assert projection_grad is None or projection_grad.abs().sum() == 0
     # only the selected codeword of each token receives a gradient
     touched = grad.abs().sum(-1) > 0  # (C, K)
     selected = torch.zeros_like(touched)

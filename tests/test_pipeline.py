@@ -119,7 +119,9 @@ def test_save_load_round_trip(pipe, tmp_path):
 
 def test_patch_vqvae_tokenizer():
     torch.manual_seed(0)
-    config = PatchVQVAEConfig(image_size=SIZE, grid_size=2, codebook_size=K, codeword_dim=8, block_out_channels=[8, 8, 16, 16])
+    config = PatchVQVAEConfig(
+        image_size=SIZE, grid_size=2, codebook_size=K, codeword_dim=8, block_out_channels=[8, 8, 16, 16]
+    )
     pipe = QGVAEPipeline(vqvae=PatchVQVAEModel(config).eval(), prior=tiny_prior(num_image_tokens=4))
     assert pipe([0, 1], generator=seeded(), output_type="pt").images.shape == (2, 1, SIZE, SIZE)
 

@@ -39,8 +39,8 @@ from common import (  # noqa: E402
     evaluate,
     load_config,
     load_splits,
-    push_output_dir,
     parse_script_args,
+    push_output_dir,
     resolve_checkpoint,
     run_script,
     save_checkpoint,
@@ -58,6 +58,7 @@ from qg_tokenizer.modeling_qggan import (  # noqa: E402
     qggan_autoencoder_loss,
 )
 from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
+
 
 @dataclass
 class GANConfig:
