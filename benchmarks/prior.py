@@ -25,7 +25,6 @@ README.md's generation block from that JSON (`render_prior`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from readme_blocks import replace_block
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -51,15 +51,6 @@ REPO = Path(__file__).resolve().parents[1]
 README_START, README_END = "<!-- prior:start -->", "<!-- prior:end -->"
 TARGET_ACCURACY = 0.8
 NAMES = {"qgvae": "QG-VAE", "patch": "patch VQ-VAE"}
-
-
-def load_script(name: str):
-    """`training/<name>.py` as a module (the benchmark runs the training scripts, it does not copy them)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class DigitClassifier(nn.Module):
@@ -135,15 +126,14 @@ def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.
 
 def train_tokenizer(name: str, output_dir: Path, steps: int) -> None:
     """Train the QG-VAE (`mnist-demo` config) or the patch VQ-VAE (`mnist-cpu` preset) with training/train.py."""
-    train = load_script("train")
-    common = [f"output_dir={output_dir}", f"max_steps={steps}", "max_train_time=null", "report_to=none"]
+    common = [f"max_steps={steps}", "max_train_time=null", "report_to=none"]
     if name == "qgvae":
-        train.main(["--config", str(REPO / "training" / "configs" / "mnist-demo.yaml"), *common])
-    else:  # same optimisation keys as mnist-demo.yaml, the patch model instead of the QG-VAE
+        run_training(output_dir, common)  # the mnist-demo config
+    else:  # TrainConfig defaults (lr 2e-4), the patch model's mnist-cpu preset
         model = ["model.model_type=patch_vqvae"] + [
             f"model.{key}={json.dumps(value)}" for key, value in PATCH_VQVAE_PRESETS["mnist-cpu"].items()
         ]
-        train.main([*model, *common, "batch_size=32", "learning_rate=2e-4", "eval_every=500", "max_eval_samples=500"])
+        run_training(output_dir, [*model, *common, "batch_size=32", "eval_every=500", "max_eval_samples=500"], None)
 
 
 @torch.no_grad()
@@ -254,9 +244,7 @@ def write_results(results: dict, path: Path, update_readme: bool) -> None:
     block = render_prior(results)
     print(block)
     if update_readme:
-        readme = REPO / "README.md"
-        head, rest = readme.read_text().split(README_START, 1)
-        readme.write_text(head + block + rest.split(README_END, 1)[1])
+        replace_block(block, README_START, README_END)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,25 +340,6 @@ def main(argv: list[str] | None = None) -> None:
     results["claims"] = evaluate_claims(results)
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
     write_results(results, args.output, args.update_readme)
-    print("\n| tokens | layout | held-out bits/image | given null token |\n|---|---|---|---|")
-    for key, value in results["bits_per_image"].items():
-        print(f"| {key.replace('/', ' | ')} | {value['bits_per_image']:.2f} | {value['bits_per_image_null']:.2f} |")
-    print(
-        f"\nclassifier: test accuracy {results['classifier_test_accuracy']:.4f}; classifier FID between 1,000 "
-        f"training and the 1,000 test digits: {results['classifier_fid_train_vs_test']:.2f}"
-    )
-    print("\n| tokens | guidance | accuracy | classifier FID |\n|---|---|---|---|")
-    for name, entry in results["samples"].items():
-        print(f"| {name} reconstructions | - | - | {entry['reconstruction_fid']:.2f} |")
-        for scale in args.guidance:
-            sample = entry[f"guidance_{scale:g}"]
-            print(f"| {name} | {scale:g} | {sample['accuracy']:.3f} | {sample['classifier_fid']:.2f} |")
-    for name, entry in results["samples"].items():
-        speed = entry["speed"]
-        print(
-            f"{name}: {speed['images_per_s_kv_cache']:.0f} images/s with the KV cache, "
-            f"{speed['images_per_s_no_cache']:.0f} without ({speed['speedup']:.2f}x)"
-        )
     print(f"wrote {args.output}")
 
 

@@ -53,6 +53,7 @@ from transformers import AutoModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image_codecs import DEFAULT_PHOTOS, jpeg_webp_at_budget, to_tensor  # noqa: E402
+from readme_blocks import replace_block  # noqa: E402
 
 from qg_tokenizer import PATCH_VQVAE_PRESETS, QGVAE_PRESETS  # noqa: E402
 from qg_tokenizer.data import EMBEDDED_MNIST, MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
@@ -61,7 +62,6 @@ from qg_tokenizer.metrics import psnr, ssim  # noqa: E402
 from qg_tokenizer.visualize import influence_coverage, influence_grid, progressive_grid, token_influence  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- rate-distortion:start -->", "<!-- rate-distortion:end -->"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -115,7 +115,7 @@ class Mode:
     influence_images: int
     usage_images: int  # training images encoded at the end of a run to measure codebook usage (500 in the sweep)
     long_factor: int | None = None  # diagnostic: the MNIST seed-0 pair again at this many times the steps
-    capacity: bool = False  # diagnostics: the MNIST seed-0 QG-VAE with CAPACITY_OVERRIDES, patch with PER_TOKEN_...
+    capacity: bool = False  # diagnostics (MNIST seed 0): QG-VAE with CAPACITY_OVERRIDES, patch with PER_TOKEN_OVERRIDES
     test_images: int | None = None  # the analysis uses the first this many test images (None: all)
 
 
@@ -257,7 +257,7 @@ def analyse_model(folder: Path, images: torch.Tensor, prefixes: tuple[int, ...],
         },
         "influence_area": influence_area(influence).mean().item(),
         "encode_images_per_s": throughput(model.encode, batch),
-        "decode_images_per_s": throughput(model.decode, model.encode(batch).token_ids),
+        "decode_images_per_s": throughput(model.decode, token_ids[: len(batch)]),
     }
 
 
@@ -676,16 +676,6 @@ def render_claims(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(block: str, path: Path = README) -> None:
-    text = path.read_text()
-    if README_START in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
-    else:
-        raise ValueError(f"{path} has no {README_START} marker")
-    path.write_text(text)
-
-
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -778,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
     block = render_claims(results)
     print(block)
     if args.update_readme:
-        update_readme(block)
+        replace_block(block, README_START, README_END)
     print(f"written to {path} in {results['wall_seconds'] / 60:.1f} min")
     return results
 

@@ -275,9 +275,10 @@ def decode_tokens(
         raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
     if len(payload) > expected_bytes:
         raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, the header implies {expected_bytes}")
-    if checksum(data) != stored_checksum:
+    computed = checksum(data)
+    if computed != stored_checksum:
         raise CodecError(
-            f"corrupt stream: checksum {checksum(data):08x} does not match the stored {stored_checksum:08x} (the bytes "
+            f"corrupt stream: checksum {computed:08x} does not match the stored {stored_checksum:08x} (the bytes "
             "changed after encoding)"
         )
     for name, found, expected in (

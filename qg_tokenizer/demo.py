@@ -12,6 +12,7 @@ is needed), which stops at the config's wall-clock budget (`max_train_time`), th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,10 +32,10 @@ DEMO_CONFIG = REPO_ROOT / "training" / "configs" / "mnist-demo.yaml"
 
 
 def run_training(
-    output_dir: str | Path, overrides: list[str] = (), config: str | Path = DEMO_CONFIG,
+    output_dir: str | Path, overrides: list[str] = (), config: str | Path | None = DEMO_CONFIG,
     num_threads: int | None = None, log_file: str | Path | None = None, script: Path = TRAIN_SCRIPT,
 ) -> dict:  # fmt: skip
-    """Run `script --config config output_dir=... *overrides` in a fresh process; returns `results.json`.
+    """Run `script [--config config] output_dir=... *overrides` in a fresh process; returns `results.json`.
 
     `script` is `training/train.py` (tokenizers) or `TRAIN_PRIOR_SCRIPT` (`training/train_prior.py`, the prior).
 
@@ -48,14 +49,13 @@ def run_training(
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if num_threads is not None:
         env["OMP_NUM_THREADS"] = str(num_threads)
-    command = [sys.executable, str(script), "--config", str(config), f"output_dir={output_dir}", *overrides]
-    if log_file is None:
-        subprocess.run(command, check=True, env=env)
-    else:
-        with open(log_file, "w") as log:
-            completed = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if completed.returncode:
-            raise RuntimeError(f"training into {output_dir} failed (exit {completed.returncode}); see {log_file}")
+    config_args = [] if config is None else ["--config", str(config)]
+    command = [sys.executable, str(script), *config_args, f"output_dir={output_dir}", *overrides]
+    with open(log_file, "w") if log_file else contextlib.nullcontext() as log:
+        completed = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+    if completed.returncode:
+        where = f"; see {log_file}" if log_file else ""
+        raise RuntimeError(f"training into {output_dir} failed (exit {completed.returncode}){where}")
     return json.loads((Path(output_dir) / "results.json").read_text())
 
 

@@ -171,3 +171,15 @@ def test_influence_area_is_the_evenly_changed_fraction():
     influence[0, 1, :5, :2] = 3.0  # 10 of 100 pixels
     influence[0, 2, 0, 0] = 1.0  # one pixel
     torch.testing.assert_close(rd.influence_area(influence), torch.tensor([[1.0, 0.1, 0.01]]))
+
+
+def test_replace_block_rewrites_only_the_marked_block(tmp_path):
+    from readme_blocks import replace_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- x:start -->\nold\n<!-- x:end -->\noutro\n")
+    replace_block("<!-- x:start -->\nnew\n<!-- x:end -->", "<!-- x:start -->", "<!-- x:end -->", readme)
+    assert readme.read_text() == "intro\n<!-- x:start -->\nnew\n<!-- x:end -->\noutro\n"
+    with pytest.raises(ValueError, match="has no <!-- y:start --> ... <!-- y:end --> block"):
+        replace_block("<!-- y:start --><!-- y:end -->", "<!-- y:start -->", "<!-- y:end -->", readme)
+    assert readme.read_text() == "intro\n<!-- x:start -->\nnew\n<!-- x:end -->\noutro\n"  # left untouched

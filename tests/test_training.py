@@ -178,6 +178,17 @@ def test_scripts_end_a_config_error_with_one_line(tmp_path, script, argv, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_run_training_reports_a_failed_run(tmp_path):
+    from qg_tokenizer.demo import run_training
+
+    log = tmp_path / "run.log"
+    with pytest.raises(RuntimeError, match=rf"training into .*out failed \(exit 1\); see {re.escape(str(log))}"):
+        run_training(tmp_path / "out", ["learning_rat=1e-3"], log_file=log, num_threads=1)
+    assert "error: unknown config key 'learning_rat'" in log.read_text()
+    with pytest.raises(RuntimeError, match=r"failed \(exit 1\)$"):
+        run_training(tmp_path / "out", ["learning_rat=1e-3"], config=None)
+
+
 def test_eval_prefix_lengths():
     assert eval_prefix_lengths(16) == [2, 4, 8, 16]
     assert eval_prefix_lengths(256) == [32, 64, 128, 256]
