@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 from datasets import (
     ClassLabel,
     Dataset,
@@ -77,7 +78,8 @@ def _embedded_mnist_splits() -> DatasetDict:
 def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> DatasetDict:
     """A local `.npz` of uint8 images `(N, H, W)` (grey) or `(N, H, W, 3)` (RGB) as "train"/"test" splits.
 
-    Either the keys `train` and `test` hold the two splits' images, or `images` (with optional integer `labels`) is
+    Either the keys `train` and `test` hold the two splits' images (further `(N, H, W, 3)` arrays such as `test64`
+    become splits of their own; whole photos `photo_*` do not, see [`load_photos`]), or `images` (with optional integer `labels`) is
     split deterministically: the last `ceil(test_fraction * N)` rows are the test split.
     """
     if not 0 < test_fraction < 1:
@@ -86,8 +88,9 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
         raise FileNotFoundError(f"no .npz dataset file at {os.fspath(path)!r}")
     with np.load(path) as npz:
         keys = set(npz.files)
-        if {"train", "test"} <= keys:
-            return DatasetDict({s: _to_dataset(_check_images(npz[s], s, path)) for s in ("train", "test")})
+        if {"train", "test"} <= keys:  # and any further image arrays (e.g. `test64`), except whole photos
+            names = [k for k in npz.files if k in ("train", "test") or (npz[k].ndim == 4 and not k.startswith("photo_"))]
+            return DatasetDict({s: _to_dataset(_check_images(npz[s], s, path)) for s in names})
         if "images" not in keys:
             raise ValueError(
                 f"{os.fspath(path)!r} must hold arrays 'train' and 'test', or 'images' (and optionally 'labels'); "
@@ -169,8 +172,80 @@ def load_image_dataset(
     return data
 
 
+# ------------------------------------------------------------------------------------------- whole-photo crops
+PHOTO_TRAIN_PREFIX = "photo_train_"
+
+
+def load_photos(path: str | os.PathLike, prefix: str = PHOTO_TRAIN_PREFIX) -> dict[str, np.ndarray]:
+    """The whole photos `<prefix><name>` (uint8 `(H, W, 3)`) of a `.npz` such as `photo_set.npz`, by name."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no .npz photo file at {os.fspath(path)!r}")
+    with np.load(path) as npz:
+        photos = {key[len(prefix) :]: npz[key] for key in sorted(npz.files) if key.startswith(prefix)}
+    if not photos:
+        raise ValueError(f"{os.fspath(path)!r} holds no arrays named {prefix}<name> (whole photos to crop from)")
+    for name, photo in photos.items():
+        if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] != 3:
+            raise ValueError(f"{path}: photo {name!r} must be uint8 (H, W, 3), got {photo.dtype} {photo.shape}")
+    return photos
+
+
+class RandomCropStream(torch.utils.data.IterableDataset):
+    """An endless stream of fresh random crops of whole photos: `{"image": PIL RGB size x size}` examples.
+
+    Crop i picks a photo uniformly, a square side log-uniform in [`min_side`, the photo's short side] (the scales of
+    32 px up to the whole photo equally often), a uniform position and a left-right flip with probability 1/2, and
+    resizes the region with Lanczos (antialiased). It is a pure function of `(seed, process_index, i)`: the stream is
+    reproducible, differs between processes, and `start` continues it where a resumed run left off. DataLoader
+    workers take interleaved indices.
+    """
+
+    def __init__(
+        self, photos: list[np.ndarray], size: int, seed: int = 0, process_index: int = 0, start: int = 0,
+        min_side: int = 32, horizontal_flip: bool = True,
+    ):  # fmt: skip
+        if not photos:
+            raise ValueError("RandomCropStream needs at least one photo")
+        if min(min(p.shape[:2]) for p in photos) < min_side:
+            raise ValueError(f"every photo must be at least min_side={min_side} px on its short side")
+        self.photos, self.size, self.seed, self.process_index = photos, size, seed, process_index
+        self.start, self.min_side, self.horizontal_flip = start, min_side, horizontal_flip
+
+    def crop_box(self, index: int) -> tuple[int, int, int, int, bool]:
+        """`(photo, top, left, side, flip)` of crop `index`."""
+        rng = np.random.default_rng((self.seed, self.process_index, index))
+        photo = int(rng.integers(len(self.photos)))
+        height, width = self.photos[photo].shape[:2]
+        side = int(round(np.exp(rng.uniform(np.log(self.min_side), np.log(min(height, width))))))
+        top, left = int(rng.integers(height - side + 1)), int(rng.integers(width - side + 1))
+        return photo, top, left, side, bool(self.horizontal_flip and rng.random() < 0.5)
+
+    def crop(self, index: int) -> PIL.Image.Image:
+        photo, top, left, side, flip = self.crop_box(index)
+        image = PIL.Image.fromarray(self.photos[photo][top : top + side, left : left + side])
+        image = image.resize((self.size, self.size), PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        index, stride = self.start + (worker.id if worker else 0), worker.num_workers if worker else 1
+        while True:
+            yield {"image": self.crop(index)}
+            index += stride
+
+
+def photo_crop_dataset(photos: list[np.ndarray], size: int, num_crops: int, seed: int) -> Dataset:
+    """A fixed `Dataset` of `num_crops` crops drawn as by [`RandomCropStream`] (e.g. a validation split)."""
+    stream = RandomCropStream(photos, size, seed=seed, horizontal_flip=False)
+    return _to_dataset(np.stack([np.asarray(stream.crop(i)) for i in range(num_crops)]))
+
+
 __all__ = [
     "EMBEDDED_MNIST",
+    "PHOTO_TRAIN_PREFIX",
+    "RandomCropStream",
+    "load_photos",
+    "photo_crop_dataset",
     "MNIST_PATH",
     "load_embedded_mnist",
     "load_image_dataset",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +43,20 @@ def resize(x: torch.Tensor, size: int, shrink_mode: str = "area") -> torch.Tenso
 
 
 class ConditioningPyramid:
-    """The hourglass conditioning (network input + position grid) at every resolution, each computed once."""
+    """The hourglass conditioning `concat(x, position grid)` at every resolution, each computed once per call.
 
-    def __init__(self, cond: torch.Tensor):
-        self.levels = {cond.shape[-1]: cond}
-        self.base = cond
+    The position channels do not depend on the input: `position_levels(size)` gives them at every size, computed once
+    per model (see [`QGVAEHourglass.position_levels`]); only the input channels are resized on each call.
+    """
+
+    def __init__(self, x: torch.Tensor, position_levels: Callable[[int], torch.Tensor]):
+        self.x, self.position_levels, self.levels = x, position_levels, {}
 
     def __call__(self, size: int) -> torch.Tensor:
         if size not in self.levels:
-            self.levels[size] = resize(self.base, size, shrink_mode="nearest")
+            position = self.position_levels(size)
+            x = resize(self.x, size, shrink_mode="nearest")
+            self.levels[size] = torch.cat((x, position.expand(x.shape[0], -1, -1, -1)), dim=1)
         return self.levels[size]
 
 
@@ -149,6 +155,7 @@ class QGVAEHourglass(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.num_octaves = config.num_octaves
+        self._position_cache: dict[tuple, torch.Tensor] = {}
         cond_channels = in_channels + 4 * config.num_octaves
         self.levels = QGVAEHourglassLevel(
             config, in_channels, channels, size, cond_channels, skip_up=skip_up, skip_down=skip_down,
@@ -157,9 +164,21 @@ class QGVAEHourglass(nn.Module):
         self.outer_residual = nn.Conv2d(in_channels, self.levels.out_channels, 3, padding=1, bias=False)
         self.out_proj = nn.Conv2d(self.levels.out_channels, out_channels, 3, padding=1, bias=False)
 
+    def position_levels(self, base: int, device: torch.device, dtype: torch.dtype) -> Callable[[int], torch.Tensor]:
+        """`size -> [1, 4 * num_octaves, size, size]`: the position grid of a `base`-pixel input resized to `size`
+        (as the input channels are), cached on the module (it depends on sizes, device and dtype only)."""
+
+        def level(size: int) -> torch.Tensor:
+            key = (base, size, device, dtype)
+            if key not in self._position_cache:
+                grid = grid_position_encoding(base, self.num_octaves, device, dtype)
+                self._position_cache[key] = resize(grid, size, shrink_mode="nearest")
+            return self._position_cache[key]
+
+        return level
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        position = grid_position_encoding(x.shape[-1], self.num_octaves, x.device, x.dtype)
-        cond = ConditioningPyramid(torch.cat((x, position.expand(x.shape[0], -1, -1, -1)), dim=1))
+        cond = ConditioningPyramid(x, self.position_levels(x.shape[-1], x.device, x.dtype))
         out = self.levels(x, cond)
         return self.out_proj(out + resize(self.outer_residual(x), out.shape[-1]))
 
@@ -168,7 +187,7 @@ class QGVAETokenProjection(nn.Module):
     """Per-head affine map applied to every token of the head's contiguous group: `[B, C, in] -> [B, C, out]`.
 
     Head h owns `weight[h] [in, out]` and `bias[h] [out]` (a shared `Conv1d(in, out, 1)` in the reference); all heads
-    run as one batched matmul.
+    run as one batched matmul with batch and tokens folded into the rows.
     """
 
     def __init__(self, num_heads: int, in_features: int, out_features: int):
@@ -179,8 +198,10 @@ class QGVAETokenProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        grouped = x.reshape(batch, self.num_heads, tokens // self.num_heads, self.in_features)  # (B, NH, C/NH, in)
-        return (grouped @ self.weight + self.bias).reshape(batch, tokens, -1)  # (B, NH, C/NH, out) -> (B, C, out)
+        # one matmul per head with batch and tokens folded into the rows: (NH, B * C/NH, in) @ (NH, in, out)
+        rows = x.reshape(batch, self.num_heads, tokens // self.num_heads, self.in_features).transpose(0, 1)
+        out = torch.baddbmm(self.bias, rows.reshape(self.num_heads, -1, self.in_features), self.weight)
+        return out.reshape(self.num_heads, batch, tokens // self.num_heads, -1).transpose(0, 1).reshape(batch, tokens, -1)
 
 
 class QGVAEEncoder(nn.Module):

@@ -104,6 +104,26 @@ class PerTokenQuantizer(nn.Module):
         self.reset_statistic.zero_()
         return resets
 
+    @torch.no_grad()
+    def init_from_samples(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent initialisation: codebook c becomes K of token c's own encoder outputs `z [N, C, D]`.
+
+        Each token draws its own random K of the N samples (without replacement while N >= K; with replacement and
+        U(-1e-4, 1e-4) noise otherwise, so that no two codewords coincide). Pass the same `generator` state and the
+        same (gathered) `z` on every process to keep the codebooks identical.
+        """
+        if z.ndim != 3 or z.shape[1:] != (self.num_tokens, self.codeword_dim):
+            raise ValueError(f"z must have shape [N, {self.num_tokens}, {self.codeword_dim}], got {list(z.shape)}")
+        num, k = z.shape[0], self.codebook_size
+        scores = torch.rand(self.num_tokens, max(num, k), generator=generator)
+        index = scores.argsort(-1)[:, :k] % num  # (C, K): a permutation of the samples, repeated when N < K
+        samples = z.transpose(0, 1).float().cpu()  # (C, N, D)
+        chosen = samples.gather(1, index.unsqueeze(-1).expand(-1, -1, self.codeword_dim))
+        if num < k:
+            noise = torch.rand(chosen.shape, generator=generator) * 2 - 1
+            chosen = chosen + noise * RESET_NOISE
+        self.codebook.copy_(chosen.to(self.codebook.device, self.codebook.dtype))
+
     def codebook_usage(self) -> dict[str, torch.Tensor]:
         """Per-token usage statistics of `usage_counts`, see [`usage_statistics`]."""
         return usage_statistics(self.usage_counts)

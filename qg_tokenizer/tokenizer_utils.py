@@ -122,7 +122,9 @@ class ImageTokenizerMixin:
     """
 
     # --------------------------------------------------------------------------------------------------- validation
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor, check_values: bool = True) -> None:
+        """Type, dtype and shape; with `check_values` also finite values in [0, 1] (a host sync: the public entry
+        points `encode`/`compress` check values, `forward` in the training hot path does not)."""
         cfg = self.config
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -137,6 +139,8 @@ class ImageTokenizerMixin:
                 f"pixel_values must have shape [batch, {', '.join(map(str, expected))}] (channels, height, width), "
                 f"got {list(pixel_values.shape)}"
             )
+        if not check_values:
+            return
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contains NaN or Inf")
         low, high = pixel_values.aminmax()
@@ -189,6 +193,11 @@ class ImageTokenizerMixin:
     def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> QGVAEEncoderOutput | tuple:
         """`[B, ch, H, W]` in [0, 1] -> token ids `[B, C]` (+ quantized latents `[B, C, D]` and VQ losses)."""
         self._check_pixel_values(pixel_values)
+        output = self._encode(pixel_values)
+        return output if return_dict else output.to_tuple()
+
+    def _encode(self, pixel_values: torch.Tensor) -> QGVAEEncoderOutput:
+        """`encode` without the value checks (no host sync)."""
         z = self.encoder(pixel_values)  # (B, C, D)
         # (B, C, D) -> (B', C', D) with C' the quantizer's codebook count: C per-token codebooks, or 1 shared
         quantizer_output = self.quantizer(z.reshape(-1, self.quantizer.num_tokens, z.shape[-1]))
@@ -198,7 +207,7 @@ class ImageTokenizerMixin:
             codebook_loss=quantizer_output.codebook_loss,
             commitment_loss=quantizer_output.commitment_loss,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def decode_latents(self, quantized: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, C, D]` codewords (+ global offset added here; dropped tokens zeroed after it) -> `[B, ch, H, W]`."""
@@ -237,7 +246,8 @@ class ImageTokenizerMixin:
         `[B, C]` is given.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        encoded = self.encode(pixel_values)
+        self._check_pixel_values(pixel_values, check_values=False)
+        encoded = self._encode(pixel_values)
         if token_mask is None and self.training and self.config.token_dropout_prob > 0:
             token_mask = self.token_dropout_mask(pixel_values.shape[0], pixel_values.device)
         reconstruction = self.decode_latents(encoded.quantized, token_mask)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
@@ -30,7 +31,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from qg_tokenizer import QGVAEImageProcessor
-from qg_tokenizer.data import EMBEDDED_MNIST, load_image_dataset
+from qg_tokenizer.data import EMBEDDED_MNIST, RandomCropStream, load_image_dataset, load_photos, photo_crop_dataset
 from qg_tokenizer.metrics import psnr, ssim
 from qg_tokenizer.visualize import progressive_grid
 
@@ -210,6 +211,14 @@ class DataConfig:
     shuffle_buffer_size: int = 10_000  # streaming only: the shuffle buffer of `IterableDataset.shuffle`
     horizontal_flip: bool = False  # random left-right flips of training images
     num_workers: int = 0
+    # an endless stream of fresh random crops of the whole photos `photo_train_*` of the .npz `source` (photo_set.npz)
+    # replaces the training split (`train_split` still gives the images the final codebook usage is measured on)
+    random_crops: bool = False
+    crop_min_side: int = 32
+    # random_crops only: hold the last N training photos out of the stream; eval_split "validation" is then
+    # `num_validation_crops` fixed crops of them (for choosing a recipe without the test photos)
+    validation_photos: int = 0
+    num_validation_crops: int = 512
 
 
 # ---------------------------------------------------------------------------------------------- accelerate set-up
@@ -345,9 +354,34 @@ class ImageCollator:
         return self.processor([ex[self.image_column] for ex in examples], return_tensors="pt")["pixel_values"]
 
 
-def load_splits(data: DataConfig, num_processes: int) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
-    """The training and evaluation splits, with load errors reported as [`ConfigError`]s naming the `data.` key."""
+def training_photos(data: DataConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`data.random_crops`: the whole photos the stream crops from and the `validation_photos` held out of it."""
+    if not data.source.endswith(".npz"):
+        raise ConfigError(f"data.random_crops needs a .npz source of whole photos, got {data.source!r}")
+    try:
+        photos = list(load_photos(data.source).values())
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.source: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"data.random_crops: {err}") from err
+    if not 0 <= data.validation_photos < len(photos):
+        raise ConfigError(f"data.validation_photos must be in [0, {len(photos)}), got {data.validation_photos}")
+    cut = len(photos) - data.validation_photos
+    return photos[:cut], photos[cut:]
+
+
+def load_splits(
+    data: DataConfig, num_processes: int, image_size: int | None = None
+) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
+    """The training and evaluation splits, with load errors reported as [`ConfigError`]s naming the `data.` key.
+
+    With `data.random_crops` and `validation_photos`, eval_split "validation" is fixed crops (`image_size` px) of
+    the held-out training photos.
+    """
     loaded = []
+    if data.random_crops and data.eval_split == "validation" and data.validation_photos:
+        validation = photo_crop_dataset(training_photos(data)[1], image_size, data.num_validation_crops, seed=10**6)
+        return load_splits(dataclasses.replace(data, eval_split=data.train_split), num_processes)[0], validation
     for split_key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
         try:
             loaded.append(
@@ -399,6 +433,21 @@ def build_eval_dataloader(
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     # an own generator: creating the iterator must not draw from the global RNG (resumed runs replay it exactly)
     return accelerator.prepare(DataLoader(dataset, batch_size, collate_fn=collator, generator=torch.Generator()))
+
+
+def crop_batches(
+    data: DataConfig, collator: ImageCollator, image_size: int, batch_size: int, accelerator: Accelerator, seed: int,
+    skip_batches: int = 0,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Training batches from [`RandomCropStream`] (`data.random_crops`): a stream of its own on every process,
+    continued `skip_batches` batches in (crop i is a function of seed, process and i, so resuming is exact)."""
+    stream = RandomCropStream(
+        training_photos(data)[0], image_size, seed=seed, process_index=accelerator.process_index,
+        start=skip_batches * batch_size, min_side=data.crop_min_side, horizontal_flip=data.horizontal_flip,
+    )  # fmt: skip
+    loader = DataLoader(stream, batch_size, collate_fn=collator, num_workers=data.num_workers)
+    for batch in loader:
+        yield batch.to(accelerator.device)
 
 
 def endless_batches(
@@ -472,6 +521,29 @@ def evaluate(
     model.train(was_training)
     prefixes = {f"psnr_k{k}": m for k, m in zip(lengths[:-1], means[1:])}
     return {"psnr": means[-1], "ssim": means[0], **prefixes, "num_images": len(scores)}
+
+
+def spread(dataset: Dataset | IterableDataset, num: int) -> Dataset | IterableDataset:
+    """`num` images spread evenly over a map-style data set (all when it is smaller), or the first `num` of a
+    stream."""
+    if isinstance(dataset, IterableDataset):
+        return Dataset.from_list(list(dataset.take(num)), features=dataset.features)
+    return dataset.select(np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int).tolist())
+
+
+@torch.no_grad()
+def init_codebooks_from_data(
+    model, dataloader: DataLoader, accelerator: Accelerator, generator: torch.Generator
+) -> None:
+    """Data-dependent codebook initialisation: every codebook from its own encoder outputs on the images of
+    `dataloader` (gathered from all processes; the same `generator` everywhere gives the same codebooks)."""
+    quantizer = model.quantizer
+    outputs = []
+    for pixel_values in dataloader:
+        with accelerator.autocast():
+            z = model.encoder(pixel_values)  # (B, C, D)
+        outputs.append(accelerator.gather_for_metrics(z.float()).reshape(-1, quantizer.num_tokens, z.shape[-1]))
+    quantizer.init_from_samples(torch.cat(outputs), generator)
 
 
 @torch.no_grad()

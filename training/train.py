@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import AutoModel, get_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` next to this script, however it is launched
@@ -35,8 +36,10 @@ from common import (  # noqa: E402
     build_train_dataloader,
     codeword_counts,
     config_to_dict,
+    crop_batches,
     endless_batches,
     evaluate,
+    init_codebooks_from_data,
     load_config,
     load_splits,
     parse_script_args,
@@ -45,6 +48,7 @@ from common import (  # noqa: E402
     run_script,
     save_checkpoint,
     setup_accelerator,
+    spread,
     write_model_card,
 )
 
@@ -58,6 +62,9 @@ from qg_tokenizer.modeling_qggan import (  # noqa: E402
     qggan_autoencoder_loss,
 )
 from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
+
+
+SCHEDULE_TICKS = 10_000  # the resolution of a learning-rate schedule on the time clock
 
 
 @dataclass
@@ -92,7 +99,14 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     lr_scheduler: str = "constant"  # any name of transformers.get_scheduler
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # its scheduler_specific_kwargs, e.g. min_lr_rate
     lr_warmup_steps: int = 0
+    lr_warmup_ratio: float = 0.0  # when > 0: warm-up over this fraction of the schedule (replaces lr_warmup_steps)
+    # "time": the schedule runs over max_train_time seconds of training instead of max_steps (for fixed-time budgets)
+    lr_schedule_clock: Literal["steps", "time"] = "steps"
+    ema_decay: float | None = None  # EMA of the weights (torch AveragedModel), evaluated and saved; None: off
+    codebook_init: Literal["uniform", "data"] = "uniform"  # "data": codebooks from the encoder's first outputs
+    codebook_init_images: int = 2048  # training images encoded for codebook_init="data"
     max_grad_norm: float | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: as set by `accelerate launch/config`
     # evaluation, logging and checkpoints
@@ -123,6 +137,12 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.lr_schedule_clock == "time" and cfg.max_train_time is None:
+        raise ConfigError("lr_schedule_clock 'time' needs max_train_time (the length of the schedule in seconds)")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ConfigError(f"ema_decay must be in (0, 1) or null, got {cfg.ema_decay}")
+    if not 0 <= cfg.lr_warmup_ratio < 1:
+        raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if cfg.data.streaming and (cfg.max_eval_samples is None or cfg.final_usage_samples is None):
         raise ConfigError("data.streaming needs max_eval_samples and final_usage_samples (a stream has no end)")
     perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
     )
     resume_from = resolve_checkpoint(output_dir, args.resume)
-    train_data, eval_data = load_splits(cfg.data, accelerator.num_processes)
+    train_data, eval_data = load_splits(cfg.data, accelerator.num_processes, model_config.image_size)
     processor = QGVAEImageProcessor.from_model_config(model_config)
     collator = ImageCollator(processor, cfg.data.image_column)
 
@@ -144,11 +164,16 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     optimizer = torch.optim.AdamW(
         [{"params": other_params}, {"params": quantizer_params, "lr": cfg.codebook_learning_rate or cfg.learning_rate}],
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        fused=True,  # one kernel for all parameters (CPU and CUDA)
     )  # fmt: skip
-    # the prepared scheduler steps once per process per optimizer step (the diffusers convention)
+    # the prepared scheduler steps once per process per optimizer step (the diffusers convention); on the time clock
+    # its steps are SCHEDULE_TICKS ticks of max_train_time, advanced as the training time passes
+    schedule_length = SCHEDULE_TICKS if cfg.lr_schedule_clock == "time" else cfg.max_steps
+    warmup = round(cfg.lr_warmup_ratio * schedule_length) if cfg.lr_warmup_ratio > 0 else cfg.lr_warmup_steps
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_steps * accelerator.num_processes,
+        cfg.lr_scheduler, optimizer, num_warmup_steps=warmup * accelerator.num_processes,
+        num_training_steps=schedule_length * accelerator.num_processes,
+        scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )  # fmt: skip
     train_loader = build_train_dataloader(train_data, collator, cfg.data, cfg.batch_size, accelerator, cfg.seed)
     eval_loader = build_eval_dataloader(eval_data, collator, cfg.eval_batch_size, accelerator, cfg.max_eval_samples)
@@ -168,12 +193,31 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     quantizer = unwrapped.quantizer
     reset_interval = model_config.reset_interval
 
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+        accelerator.register_for_checkpointing(ema)
     state = TrainerState()
     accelerator.register_for_checkpointing(state)
     set_seed(cfg.seed, device_specific=True)  # token dropout and flips differ between processes
-    if resume_from is not None:  # restores weights, optimizers, buffers, RNG states and `state`
+    if resume_from is not None:  # restores weights, optimizers, buffers, RNG states, the EMA and `state`
         accelerator.print(f"resuming from {resume_from}")
         accelerator.load_state(str(resume_from))
+    elif cfg.codebook_init == "data":
+        init_loader = build_eval_dataloader(
+            spread(train_data, cfg.codebook_init_images), collator, cfg.eval_batch_size, accelerator
+        )  # fmt: skip
+        init_codebooks_from_data(unwrapped, init_loader, accelerator, torch.Generator().manual_seed(cfg.seed))
+        if ema is not None:
+            ema.module.load_state_dict(unwrapped.state_dict())
+
+    def eval_model() -> torch.nn.Module:
+        """The model to evaluate and save: the EMA weights with the live quantizer (its resets are jumps an average
+        would blur) and buffers, or the live model."""
+        if ema is None:
+            return unwrapped
+        ema.module.quantizer.load_state_dict(unwrapped.quantizer.state_dict())
+        return ema.module
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:  # a fresh run does not continue an older run's log
@@ -195,7 +239,9 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         quantizer.usage_counts.zero_()
         metrics = {"step": state.step, "train_time": state.train_time}
         grid_path = output_dir / "samples" / f"step-{state.step:07d}.png"
-        metrics |= evaluate(unwrapped, eval_loader, accelerator, grid_path, cfg.num_grid_images)
+        metrics |= evaluate(eval_model(), eval_loader, accelerator, grid_path, cfg.num_grid_images)
+        if ema is not None:  # the raw weights too, to show what the EMA adds
+            metrics["live_psnr"] = evaluate(unwrapped, eval_loader, accelerator)["psnr"]
         metrics |= {f"train_{k}": v for k, v in usage_summary(counts).items()}
         # training images the usage window counted (every image adds C counts, to C codebooks or to the shared one)
         metrics["train_usage_images"] = int(counts.sum().item()) // model_config.num_tokens
@@ -204,9 +250,13 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         return metrics
 
     # ------------------------------------------------------------------------------------------ training loop
-    batches = endless_batches(
-        train_loader, accelerator, state.step * cfg.gradient_accumulation_steps, cfg.data.horizontal_flip
-    )
+    skip = state.step * cfg.gradient_accumulation_steps
+    if cfg.data.random_crops:
+        batches = crop_batches(
+            cfg.data, collator, model_config.image_size, cfg.batch_size, accelerator, cfg.seed, skip
+        )  # fmt: skip
+    else:
+        batches = endless_batches(train_loader, accelerator, skip, cfg.data.horizontal_flip)
     progress = tqdm(
         total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -256,8 +306,11 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
                         if cfg.max_grad_norm is not None:
                             logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
-                    lr_scheduler.step()
+                    if cfg.lr_schedule_clock == "steps":
+                        lr_scheduler.step()
                     optimizer.zero_grad()
+            if ema is not None:
+                ema.update_parameters(unwrapped)
             for key in ("reconstruction_loss", "codebook_loss", "commitment_loss"):
                 logs[key] = getattr(output, key).detach()
             logs["loss"] = loss.detach()
@@ -271,6 +324,10 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             logs["codewords_reset"] = resets.sum()
 
         clock.tick()
+        if cfg.lr_schedule_clock == "time":  # the underlying schedule, by its ticks of training time (all processes)
+            tick = min(SCHEDULE_TICKS, int(state.train_time / cfg.max_train_time * SCHEDULE_TICKS))
+            for _ in range(tick * accelerator.num_processes - lr_scheduler.scheduler.last_epoch):
+                lr_scheduler.scheduler.step()
         out_of_time = clock.out_of_time(cfg.max_train_time, accelerator)
         last = out_of_time or state.step >= cfg.max_steps
 
@@ -307,7 +364,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     usage_loader = build_eval_dataloader(
         train_data, collator, cfg.eval_batch_size, accelerator, cfg.final_usage_samples
     )
-    train_counts = codeword_counts(unwrapped, usage_loader, accelerator)
+    final_model = eval_model()
+    train_counts = codeword_counts(final_model, usage_loader, accelerator)
     train_usage = usage_summary(train_counts) | {
         "used_fraction_per_token": usage_statistics(train_counts)["used_fraction"].tolist(),
         "num_images": int(train_counts.sum().item()) // model_config.num_tokens,
@@ -322,7 +380,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
+        final_model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_model_card(
@@ -343,7 +401,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             f"min {train_usage['usage_min']:.3f}; saved to {output_dir}"
         )
     accelerator.end_training()
-    return unwrapped
+    return final_model
 
 
 if __name__ == "__main__":
