@@ -22,20 +22,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from image_codecs import jpeg_webp_at_budget, to_tensor  # noqa: E402
+from rate_distortion import analyse_model, best_fitting, codec_rows, paired_difference, psnr_at_time  # noqa: E402
+from readme_blocks import replace_block  # noqa: E402
+
 from qg_tokenizer import PATCH_VQVAE_PRESETS, QGVAE_PRESETS  # noqa: E402
+from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
 from qg_tokenizer.demo import REPO_ROOT, run_training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "converged.json"
+FIGURES = HERE / "results" / "figures"
+README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
+USAGE_TARGET = 0.9
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
 # shared by both models of a pair (the model-independent part of `training/configs/photo-set.yaml`)
@@ -67,6 +83,9 @@ class Benchmark:
     eval_every: int
     checkpoint_every: int
     max_eval_samples: int | None
+    prefixes: tuple[int, ...] = ()  # QG-VAE token prefixes of the rate-distortion curve
+    codec_budgets: tuple[int, ...] = ()  # JPEG/WebP curve points (bytes per image) besides the models' budget
+    psnr_target: float = 0.0  # the issue's QG-VAE test-PSNR target
 
 
 BENCHMARKS = {
@@ -74,11 +93,11 @@ BENCHMARKS = {
         "photo_set", "photos32-cpu",
         {"source": str(PHOTO_SET), "train_split": "train", "eval_split": "test", "random_crops": True,
          "horizontal_flip": True},
-        3600.0, 1000, 500, 256,
+        3600.0, 1000, 500, 256, (1, 2, 4, 8, 16, 32, 48, 64), (18, 36, 54, 108, 144, 288), 25.6,
     ),  # fmt: skip
     "mnist": Benchmark(
         "mnist", "mnist-cpu", {"source": "embedded-mnist", "train_split": "train", "eval_split": "test"},
-        1800.0, 2000, 1000, 500,
+        1800.0, 2000, 1000, 500, (1, 2, 3, 4, 6, 8, 12, 16), (9, 36, 72, 144, 288), 23.0,
     ),  # fmt: skip
 }
 
@@ -126,7 +145,239 @@ def train(workdir: Path, names: list[str]) -> None:
         bench = BENCHMARKS[name]
         print(f"{name}: QG-VAE and patch VQ-VAE side by side, {bench.train_seconds / 60:.0f} min each", flush=True)
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda model_type: train_run(bench, model_type, workdir), ("qgvae", "patch_vqvae")))
+            list(pool.map(train_run, [bench] * 2, ("qgvae", "patch_vqvae"), [workdir] * 2))
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+def test_images(name: str) -> np.ndarray:
+    """uint8 test images: the last 1,000 MNIST digits `[N, 28, 28]` or photo_set's `test` crops `[768, 32, 32, 3]`."""
+    if name == "mnist":
+        with np.load(MNIST_PATH) as npz:
+            return npz["images"][MNIST_NUM_TRAIN:]
+    with np.load(PHOTO_SET) as npz:
+        return npz["test"]
+
+
+@torch.no_grad()
+def flops_per_image(folder: Path, images: torch.Tensor) -> dict[str, float]:
+    """Encode and decode GFLOPs per image (torch's FLOP counter, batch of 8)."""
+    model = AutoModel.from_pretrained(folder).eval()
+    batch = images[:8]
+    flops = {}
+    for name, fn in (("encode", lambda: model.encode(batch)), ("decode", lambda: model(batch))):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops() / len(batch) / 1e9
+    return {"encode_gflops_per_image": flops["encode"], "decode_gflops_per_image": flops["decode"] - flops["encode"]}
+
+
+def summarize_run(results: dict, analysis: dict) -> dict:
+    usage = results["train_set_usage"]
+    return analysis | {
+        "steps": results["step"], "train_time": results["train_time"],
+        "seconds_per_step": results["seconds_per_step"], "process_seconds": results.get("process_seconds"),
+        "usage_mean": usage["usage_mean"], "usage_min": usage["usage_min"], "history": results["history"],
+    }  # fmt: skip
+
+
+def compare_codecs(bench: Benchmark, images: np.ndarray, budget: int) -> tuple[list[dict], list[dict]]:
+    """JPEG/WebP at the models' budget on every test image, and at the curve budgets on every 4th."""
+    at_budget = codec_rows(jpeg_webp_at_budget(images, budget))
+    curve = []
+    for bytes_ in bench.codec_budgets:
+        for row in codec_rows(jpeg_webp_at_budget(images[::4], bytes_)):
+            curve.append({"bytes": bytes_} | {k: v for k, v in row.items() if k != "psnr_per_image"})
+    return at_budget, curve
+
+
+def analyse_benchmark(bench: Benchmark, workdir: Path) -> dict:
+    uint8_images = test_images(bench.name)
+    images = to_tensor(uint8_images)
+    entry = {"num_test_images": len(images), "train_seconds": bench.train_seconds}
+    for model_type in ("qgvae", "patch_vqvae"):
+        folder = workdir / f"{bench.name}-{model_type}"
+        results = json.loads((folder / "results.json").read_text())
+        prefixes = bench.prefixes if model_type == "qgvae" else ()
+        entry[model_type] = summarize_run(results, analyse_model(folder, images, prefixes, influence_images=4))
+        entry[model_type] |= flops_per_image(folder, images)
+    qg, patch = entry["qgvae"], entry["patch_vqvae"]
+    entry["budget_bytes"] = budget = qg["bytes_per_image"]
+    entry["qgvae_minus_patch_per_image"] = paired_difference(qg["psnr_per_image"], patch["psnr_per_image"])
+    seconds = min(qg["train_time"], patch["train_time"])
+    entry["equal_time"] = {"seconds": seconds} | {f"{m}_psnr": psnr_at_time(entry[m]["history"], seconds) for m in
+                                                  ("qgvae", "patch_vqvae")}  # fmt: skip
+    print(f"{bench.name}: JPEG/WebP", flush=True)
+    variants, entry["codec_curve"] = compare_codecs(bench, uint8_images, budget)
+    for variant in variants:  # QG-VAE minus the codec on the images the codec fits
+        pairs = [(q, c) for q, c in zip(qg["psnr_per_image"], variant.pop("psnr_per_image")) if c is not None]
+        variant["qgvae_minus_codec"] = float(np.mean([q - c for q, c in pairs])) if pairs else None
+    entry["codecs_at_budget"] = variants
+    entry["targets"] = targets(bench, entry)
+    return entry
+
+
+def targets(bench: Benchmark, entry: dict) -> list[dict]:
+    """The issue's targets, each with its measured value and whether it is met."""
+    qg, patch = entry["qgvae"], entry["patch_vqvae"]
+    rows = [{"target": f"QG-VAE test PSNR >= {bench.psnr_target} dB", "measured": f"{qg['psnr']:.2f} dB",
+             "met": qg["psnr"] >= bench.psnr_target}]  # fmt: skip
+    file_fits = [v for v in entry["codecs_at_budget"] if " file " in v["name"] and v["fraction_fit"] == 1.0]
+    best_file, best_any = best_fitting(file_fits), best_fitting(entry["codecs_at_budget"])
+    rows.append({
+        "target": "QG-VAE above every whole-file JPEG/WebP setting that fits every image",
+        "measured": f"best whole-file codec that fits: {best_file['name']} {best_file['psnr']:.2f} dB"
+        if best_file else "no whole-file JPEG/WebP setting fits every image",
+        "met": best_file is None or qg["psnr"] > best_file["psnr"],
+    })  # fmt: skip
+    if best_any:
+        rows.append({"target": "QG-VAE above header-stripped JPEG/WebP (the codec lower bound)",
+                     "measured": f"{best_any['name']} {best_any['psnr']:.2f} dB", "met": qg["psnr"] > best_any["psnr"]})
+    diff = entry["qgvae_minus_patch_per_image"]
+    rows.append({
+        "target": "QG-VAE vs the patch VQ-VAE at equal bytes and training time (verdict, whatever it is)",
+        "measured": f"{qg['psnr']:.2f} vs {patch['psnr']:.2f} dB, difference {diff['mean']:+.2f} dB "
+        f"(95% interval over test images [{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}])",
+        "met": diff["ci95"][0] > 0,
+    })  # fmt: skip
+    for model_type in ("qgvae", "patch_vqvae"):
+        run = entry[model_type]
+        rows.append({"target": f"{MODEL_NAMES[model_type]}: codeword usage >= {USAGE_TARGET:.0%} for every codebook",
+                     "measured": f"min {run['usage_min']:.1%}, mean {run['usage_mean']:.1%}",
+                     "met": run["usage_min"] >= USAGE_TARGET})  # fmt: skip
+    return rows
+
+
+def plot_benchmark(name: str, entry: dict, workdir: Path) -> dict[str, str]:
+    """Training curves, the rate-distortion curve against JPEG/WebP and labelled progressive grids."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for model_type, style in (("qgvae", "o-"), ("patch_vqvae", "s--")):
+        history = entry[model_type]["history"]
+        minutes = [h["train_time"] / 60 for h in history]
+        axes[0].plot(minutes, [h["psnr"] for h in history], style, ms=3, label=f"{MODEL_NAMES[model_type]} (EMA)")
+        if "live_psnr" in history[0]:
+            axes[0].plot(minutes, [h["live_psnr"] for h in history], style, ms=2, alpha=0.4,
+                         label=f"{MODEL_NAMES[model_type]} (raw weights)")  # fmt: skip
+        axes[1].plot(minutes, [h["train_usage_min"] for h in history], style, ms=3, label=MODEL_NAMES[model_type])
+    axes[0].set(xlabel="training minutes (1 thread each, side by side)", ylabel="test PSNR (dB)", title=name)
+    axes[1].set(xlabel="training minutes", ylabel="codeword usage, least-used codebook", ylim=(0, 1.02))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["training"] = save_figure(fig, f"converged_{name}_training.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    curve = entry["qgvae"]["prefix_curve"]
+    ax.plot([p["bytes"] for p in curve], [p["psnr"] for p in curve], "o-", ms=4, label="QG-VAE (prefixes of one model)")
+    patch = entry["patch_vqvae"]
+    ax.plot([patch["bytes_per_image"]], [patch["psnr"]], "s", ms=7, label="patch VQ-VAE")
+    for variant, marker in (("jpeg file resized", "^"), ("jpeg payload resized", "v"), ("webp file resized", "D"),
+                            ("webp payload resized", "P")):  # fmt: skip
+        points = [r for r in entry["codec_curve"] if r["name"] == variant and r["fraction_fit"] == 1.0]
+        if points:
+            ax.plot([r["bytes"] for r in points], [r["psnr"] for r in points], marker + "-", alpha=0.7,
+                    label=variant.replace("resized", "(best scale), every 4th test image"))  # fmt: skip
+    ax.axvline(entry["budget_bytes"], color="k", lw=0.6)
+    ax.set(xscale="log", xlabel="bytes per image", ylabel="test PSNR (dB)", title=f"{name}: rate-distortion")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["rate_distortion"] = save_figure(fig, f"converged_{name}_rate_distortion.png")
+
+    images = to_tensor(test_images(name))
+    picks = images[np.linspace(0, len(images) - 1, 8).round().astype(int)]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 8), height_ratios=(5, 2))
+    for ax, model_type in zip(axes, ("qgvae", "patch_vqvae")):
+        labelled_progressive(ax, AutoModel.from_pretrained(workdir / f"{name}-{model_type}").eval(), picks)
+        ax.set_title(f"{MODEL_NAMES[model_type]}, {entry['budget_bytes']} bytes per image", fontsize=10)
+    fig.tight_layout()
+    paths["progressive"] = save_figure(fig, f"converged_{name}_progressive.png")
+    return paths
+
+
+@torch.no_grad()
+def labelled_progressive(ax, model, images: torch.Tensor) -> None:
+    """Rows: the input, then the reconstruction from the first k tokens (QG-VAE: k = C/16 ... C; a patch model:
+    all tokens only, its prefixes are not images), each row labelled with k and its bytes."""
+    c = model.config.num_tokens
+    lengths = [k for k in (c // 16, c // 4, c // 2, c) if k >= 1] if model.config.model_type == "qgvae" else [c]
+    token_ids = model.encode(images).token_ids
+    rows = [images] + [model.decode(token_ids, num_tokens=k).pixel_values.clamp(0, 1) for k in lengths]
+    labels = ["input"] + [f"first {k} tokens ({math.ceil(k * math.log2(model.config.codebook_size) / 8)} B)"
+                          for k in lengths]  # fmt: skip
+    size = images.shape[-1]
+    canvas = torch.ones(len(rows), images.shape[1], size + 2, len(images) * (size + 2))
+    for r, row in enumerate(rows):
+        for i, image in enumerate(row):
+            canvas[r, :, 1 : size + 1, i * (size + 2) + 1 : i * (size + 2) + size + 1] = image
+    grid = torch.cat(list(canvas), dim=1).permute(1, 2, 0).squeeze(-1).numpy()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks([(size + 2) * (r + 0.5) for r in range(len(rows))], labels, fontsize=8)
+    ax.set_xticks([])
+
+
+def save_figure(fig, filename: str) -> str:
+    fig.savefig(FIGURES / filename, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f"benchmarks/results/figures/{filename}"
+
+
+def render_block(results: dict) -> str:
+    """The README's headline block, generated from `converged.json` only."""
+    mark = {True: "yes", False: "**no**"}
+    lines = [
+        README_START,
+        "Generated by `python benchmarks/converged.py analyse --update-readme` from "
+        f"`benchmarks/results/converged.json` ({results['machine']}). Each pair trained side by side, one thread "
+        "each, for the same training time.",
+        "",
+        "| data | model | bytes | params | GFLOP/img (enc+dec) | steps | train min | test PSNR (dB) | SSIM | "
+        "usage min / mean |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["benchmarks"].items():
+        for model_type in ("qgvae", "patch_vqvae"):
+            r = entry[model_type]
+            lines.append(
+                f"| {name} | {MODEL_NAMES[model_type]} | {r['bytes_per_image']} | {r['parameters']:,} | "
+                f"{r['encode_gflops_per_image'] + r['decode_gflops_per_image']:.3f} | {r['steps']:,} | "
+                f"{r['train_time'] / 60:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+                f"{r['usage_min']:.1%} / {r['usage_mean']:.1%} |"
+            )
+        best = best_fitting(entry["codecs_at_budget"])
+        if best:
+            lines.append(f"| {name} | {best['name']} (best that fits every image) | <= {entry['budget_bytes']} | - | "
+                         f"- | - | - | {best['psnr']:.2f} | {best['ssim']:.3f} | - |")  # fmt: skip
+    lines += ["", "| data | target | measured | met |", "|---|---|---|---|"]
+    for name, entry in results["benchmarks"].items():
+        lines += [f"| {name} | {t['target']} | {t['measured']} | {mark[t['met']]} |" for t in entry["targets"]]
+    lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in results["figures"].items()), README_END]
+    return "\n".join(lines)
+
+
+def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
+    results["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
+    for name in names:
+        entry = analyse_benchmark(BENCHMARKS[name], workdir)
+        results["benchmarks"][name] = entry
+        results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, workdir).items()}
+    results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE}
+    RESULTS.write_text(json.dumps(results, indent=2))
+    block = render_block(results)
+    print(block)
+    if update_readme:
+        replace_block(block, README_START, README_END)
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,8 +394,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "train":
         train(args.workdir, args.only)
     else:
-        from converged_analysis import analyse
-
         analyse(args.workdir, args.only, args.update_readme)
 
 

@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 from transformers import AutoModel, get_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` next to this script, however it is launched
@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     save_checkpoint,
     setup_accelerator,
     spread,
+    training_photos,
     write_model_card,
 )
 
@@ -62,7 +63,6 @@ from qg_tokenizer.modeling_qggan import (  # noqa: E402
     qggan_autoencoder_loss,
 )
 from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
-
 
 SCHEDULE_TICKS = 10_000  # the resolution of a learning-rate schedule on the time clock
 
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if cfg.data.streaming and (cfg.max_eval_samples is None or cfg.final_usage_samples is None):
         raise ConfigError("data.streaming needs max_eval_samples and final_usage_samples (a stream has no end)")
+    if cfg.data.random_crops:
+        training_photos(cfg.data)  # the photos load and the validation hold-out fits
     perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
     accelerator = setup_accelerator(
         output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
