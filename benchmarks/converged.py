@@ -52,6 +52,11 @@ RESULTS = HERE / "results" / "converged.json"
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
 USAGE_TARGET = 0.9
+ABLATION_NAMES = {
+    "full": "full recipe", "no_ema": "without EMA (the full run's raw weights)",
+    "no_codebook_init": "without data-dependent codebook init", "no_schedule": "without warm-up and cosine decay",
+    "reference": "reference recipe (SPEC section 6)",
+}  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
 # shared by both models of a pair (the model-independent part of `training/configs/photo-set.yaml`)
@@ -121,9 +126,8 @@ def train_config(bench: Benchmark, model_type: str, workdir: Path) -> dict:
     }
 
 
-def train_run(bench: Benchmark, model_type: str, workdir: Path) -> dict:
-    """Train (or resume, or reuse) one run; returns its `results.json`."""
-    config = train_config(bench, model_type, workdir)
+def train_run(config: dict, workdir: Path) -> dict:
+    """Train (or resume, or reuse) the run of one `training/train.py` config; returns its `results.json`."""
     folder = Path(config["output_dir"])
     config_path, results_path = workdir / "configs" / f"{folder.name}.yaml", folder / "results.json"
     same = config_path.is_file() and yaml.safe_load(config_path.read_text()) == config
@@ -136,16 +140,58 @@ def train_run(bench: Benchmark, model_type: str, workdir: Path) -> dict:
     results = run_training(folder, ["--resume", "latest"], config=config_path, num_threads=1, log_file=log)
     results["process_seconds"] = time.perf_counter() - start
     results_path.write_text(json.dumps(results, indent=2))
-    print(f"{folder.name}: {results['step']} steps, test PSNR {results['eval']['psnr']:.2f} dB", flush=True)
+    print(f"{folder.name}: {results['step']} steps, eval PSNR {results['eval']['psnr']:.2f} dB", flush=True)
     return results
+
+
+def train_pairs(configs: list[dict], workdir: Path) -> list[dict]:
+    """Train `configs` two at a time, one thread each."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(train_run, configs, [workdir] * len(configs)))
 
 
 def train(workdir: Path, names: list[str]) -> None:
     for name in names:
         bench = BENCHMARKS[name]
         print(f"{name}: QG-VAE and patch VQ-VAE side by side, {bench.train_seconds / 60:.0f} min each", flush=True)
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(train_run, [bench] * 2, ("qgvae", "patch_vqvae"), [workdir] * 2))
+        train_pairs([train_config(bench, model_type, workdir) for model_type in ("qgvae", "patch_vqvae")], workdir)
+
+
+def ablation_configs(workdir: Path, seconds: float) -> dict[str, dict]:
+    """QG-VAE on photo_set, `seconds` each, scored on crops of 3 training photos held out of the stream (never the
+    test photos): the full recipe, each addition removed in turn (the EMA's effect is read from the full run's raw
+    weights, `live_psnr`), and the reference recipe (SPEC section 6: lr 2e-4, no codebook-rate boost, commitment 1.0,
+    reset every 100 steps, no schedule, EMA or data initialisation)."""
+    base = train_config(BENCHMARKS["photo_set"], "qgvae", workdir / "ablations")
+    base |= {"max_train_time": seconds, "eval_every": 10**6, "max_eval_samples": None, "checkpoint_every": 250}
+    base["data"] = base["data"] | {"validation_photos": 3, "eval_split": "validation", "num_validation_crops": 512}
+    variants = {
+        "full": {},
+        "no_codebook_init": {"codebook_init": "uniform"},
+        "no_schedule": {"lr_scheduler": "constant", "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}},
+        "reference": {"learning_rate": 2e-4, "codebook_learning_rate": None, "lr_scheduler": "constant",
+                      "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}, "ema_decay": None, "codebook_init": "uniform",
+                      "model": base["model"] | {"commitment_loss_weight": 1.0, "reset_interval": 100}},
+    }  # fmt: skip
+    return {
+        name: base | changes | {"output_dir": str(workdir / "ablations" / f"photo_set-qgvae-{name}")}
+        for name, changes in variants.items()
+    }
+
+
+def ablate(workdir: Path, seconds: float) -> dict:
+    """Train the ablation runs and add their validation scores to `converged.json`."""
+    configs = ablation_configs(workdir, seconds)
+    runs = dict(zip(configs, train_pairs(list(configs.values()), workdir)))
+    rows = {name: {"validation_psnr": r["eval"]["psnr"], "steps": r["step"], "train_time": r["train_time"],
+                   "usage_min": r["train_set_usage"]["usage_min"]} for name, r in runs.items()}  # fmt: skip
+    rows["no_ema"] = rows["full"] | {"validation_psnr": runs["full"]["history"][-1]["live_psnr"]}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
+    results["ablations"] = {"seconds": seconds, "validation": "512 crops of 3 training photos held out", "runs": rows}
+    RESULTS.write_text(json.dumps(results, indent=2))
+    for name, row in rows.items():
+        print(f"{name:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps  usage min {row['usage_min']:.1%}")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -360,6 +406,21 @@ def render_block(results: dict) -> str:
     lines += ["", "| data | target | measured | met |", "|---|---|---|---|"]
     for name, entry in results["benchmarks"].items():
         lines += [f"| {name} | {t['target']} | {t['measured']} | {mark[t['met']]} |" for t in entry["targets"]]
+    if "ablations" in results:
+        ablations = results["ablations"]
+        full = ablations["runs"]["full"]["validation_psnr"]
+        lines += [
+            "",
+            f"Recipe ablations (QG-VAE, photo_set, {ablations['seconds'] / 60:.0f} min each, two at a time; scored on "
+            f"{ablations['validation']}, never the test photos):",
+            "",
+            "| run | validation PSNR (dB) | vs full recipe | steps | usage min |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in ablations["runs"].items():
+            psnr_ = row["validation_psnr"]
+            lines.append(f"| {ABLATION_NAMES[name]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} | "
+                         f"{row['usage_min']:.1%} |")  # fmt: skip
     lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in results["figures"].items()), README_END]
     return "\n".join(lines)
 
@@ -382,10 +443,11 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "analyse"))
+    parser.add_argument("stage", choices=("train", "ablate", "analyse"))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
+    parser.add_argument("--ablation-seconds", type=float, default=360.0, help="training time of each ablation run")
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.train_seconds is not None:
@@ -393,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
             BENCHMARKS[name] = replace(bench, train_seconds=args.train_seconds, eval_every=20, checkpoint_every=20)
     if args.stage == "train":
         train(args.workdir, args.only)
+    elif args.stage == "ablate":
+        ablate(args.workdir, args.ablation_seconds)
     else:
         analyse(args.workdir, args.only, args.update_readme)
 

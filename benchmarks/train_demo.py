@@ -5,8 +5,8 @@ of every token's codewords are in use over the 9,000 training digits.
 
 `key=value` arguments override `training/configs/mnist-demo.yaml` (e.g. `max_train_time=300`, `max_steps=1000`).
 
-Targets on a 2-core CPU (issues 3 and 11): within 10 minutes, test PSNR >= 21.5 dB at 18 bytes per image and >= 90% of every
-token's 512 codewords in use over the training set. It runs `training/train.py` with the demo config (through
+Targets on a 2-core CPU (issues 3 and 11): within 10 minutes, test PSNR >= 21.5 dB at 18 bytes per image and >= 90%
+of every token's 512 codewords in use over the training set. It runs `training/train.py` with the demo config (through
 `qg_tokenizer.demo.run_training`); the numbers go to benchmarks/results/train_demo.json and a table to stdout.
 """
 

@@ -1,0 +1,91 @@
+"""`benchmarks/converged.py`: its generated configs (equal bytes, one recipe for both models, resumable), the
+ablation plan (validation photos, never the test photos), target verdicts and the README block it renders."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qg_tokenizer import PatchVQVAEConfig, QGVAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "training"))
+
+import converged  # noqa: E402
+import train  # noqa: E402
+from common import build_model_config, load_config  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(converged.BENCHMARKS))
+def test_pair_configs_share_recipe_bytes_and_time(name, tmp_path):
+    bench = converged.BENCHMARKS[name]
+    configs = {m: converged.train_config(bench, m, tmp_path) for m in ("qgvae", "patch_vqvae")}
+    models = {m: build_model_config(c["model"]) for m, c in configs.items()}
+    assert isinstance(models["qgvae"], QGVAEConfig) and isinstance(models["patch_vqvae"], PatchVQVAEConfig)
+    budget = {"photo_set": 72, "mnist": 18}[name]
+    assert models["qgvae"].bytes_per_image == models["patch_vqvae"].bytes_per_image == budget
+    recipe = {k: v for k, v in configs["qgvae"].items() if k not in ("model", "output_dir")}
+    assert recipe == {k: v for k, v in configs["patch_vqvae"].items() if k not in ("model", "output_dir")}
+    assert recipe["max_train_time"] == {"photo_set": 3600, "mnist": 1800}[name]
+    assert recipe["lr_schedule_clock"] == "time" and recipe["ema_decay"] and recipe["codebook_init"] == "data"
+    for m in ("qgvae", "patch_vqvae"):
+        assert models[m].commitment_loss_weight == 0.1 and models[m].reset_interval == 50
+        path = tmp_path / f"{m}.json"
+        path.write_text(json.dumps(configs[m]))  # JSON is YAML: the config loads as train.py reads it
+        cfg = load_config(train.TrainConfig, path)
+        assert cfg.data.eval_split == "test" and cfg.output_dir.endswith(f"{name}-{m}")
+    if name == "photo_set":
+        assert recipe["data"]["random_crops"] and recipe["data"]["source"].endswith("photo_set.npz")
+
+
+def test_ablations_use_held_out_training_photos_and_change_one_thing(tmp_path):
+    configs = converged.ablation_configs(tmp_path, seconds=60)
+    full = configs["full"]
+    assert full["data"]["eval_split"] == "validation" and full["data"]["validation_photos"] == 3
+    assert full["max_train_time"] == 60
+    changed = {name: {k for k in c if c[k] != full[k] and k != "output_dir"} for name, c in configs.items()}
+    assert changed["full"] == set()
+    assert changed["no_codebook_init"] == {"codebook_init"}
+    assert changed["no_schedule"] == {"lr_scheduler", "lr_warmup_ratio", "lr_scheduler_kwargs"}
+    assert configs["reference"]["model"]["commitment_loss_weight"] == 1.0
+    assert configs["reference"]["learning_rate"] == 2e-4 and configs["reference"]["ema_decay"] is None
+    assert len({c["output_dir"] for c in configs.values()}) == len(configs)
+
+
+def entry(qg_psnr: float, patch_psnr: float, codec_psnr: float, usage_min: float = 0.95) -> dict:
+    run = {"usage_min": usage_min, "usage_mean": 0.99}
+    return {
+        "qgvae": run | {"psnr": qg_psnr}, "patch_vqvae": run | {"psnr": patch_psnr},
+        "codecs_at_budget": [
+            {"name": "jpeg payload resized", "fraction_fit": 1.0, "psnr": codec_psnr},
+            {"name": "webp file resized", "fraction_fit": 1.0, "psnr": codec_psnr - 3},
+            {"name": "jpeg file direct", "fraction_fit": 0.5, "psnr": codec_psnr + 5},
+        ],
+        "qgvae_minus_patch_per_image": {"mean": qg_psnr - patch_psnr, "ci95": [qg_psnr - patch_psnr - 0.1,
+                                                                             qg_psnr - patch_psnr + 0.1]},
+    }  # fmt: skip
+
+
+def test_target_verdicts():
+    bench = converged.BENCHMARKS["photo_set"]
+    met = {row["target"]: row["met"] for row in converged.targets(bench, entry(26.0, 24.0, 25.6))}
+    assert list(met.values()) == [True, True, True, True, True, True]
+    missed = converged.targets(bench, entry(23.0, 24.0, 25.6, usage_min=0.5))
+    assert [row["met"] for row in missed] == [False, True, False, False, False, False]
+    assert "webp file resized 22.60 dB" in missed[1]["measured"]  # the best whole file that fits every image
+    assert "23.00 vs 24.00 dB" in missed[3]["measured"]
+
+
+def test_readme_block_is_generated_from_the_json():
+    path = ROOT / "benchmarks" / "results" / "converged.json"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `python benchmarks/converged.py analyse --update-readme`")
+    results = json.loads(path.read_text())
+    assert converged.render_block(results) in (ROOT / "README.md").read_text(), (
+        "README.md's converged block differs from benchmarks/results/converged.json: "
+        "run `python benchmarks/converged.py analyse --update-readme`"
+    )
+    for link in results["figures"].values():
+        assert (ROOT / link).is_file(), link
