@@ -46,17 +46,19 @@ class ConditioningPyramid:
     """The hourglass conditioning `concat(x, position grid)` at every resolution, each computed once per call.
 
     The position channels do not depend on the input: `position_levels(size)` gives them at every size, computed once
-    per model (see [`QGVAEHourglass.position_levels`]); only the input channels are resized on each call.
+    per model (see [`QGVAEHourglass.position_levels`]); only the input channels are resized on each call. Without
+    `position_levels` the conditioning is `x` alone (the QGGAN discriminator).
     """
 
-    def __init__(self, x: torch.Tensor, position_levels: Callable[[int], torch.Tensor]):
+    def __init__(self, x: torch.Tensor, position_levels: Callable[[int], torch.Tensor] | None = None):
         self.x, self.position_levels, self.levels = x, position_levels, {}
 
     def __call__(self, size: int) -> torch.Tensor:
         if size not in self.levels:
-            position = self.position_levels(size)
             x = resize(self.x, size, shrink_mode="nearest")
-            self.levels[size] = torch.cat((x, position.expand(x.shape[0], -1, -1, -1)), dim=1)
+            if self.position_levels is not None:
+                x = torch.cat((x, self.position_levels(size).expand(x.shape[0], -1, -1, -1)), dim=1)
+            self.levels[size] = x
         return self.levels[size]
 
 
