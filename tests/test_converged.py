@@ -89,3 +89,14 @@ def test_readme_block_is_generated_from_the_json():
     )
     for link in results["figures"].values():
         assert (ROOT / link).is_file(), link
+
+
+def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
+    """`training/configs/photo-set.yaml` trains exactly what the benchmark quotes (bar its output and logging)."""
+    shipped = load_config(train.TrainConfig, ROOT / "training" / "configs" / "photo-set.yaml")
+    benchmark = converged.train_config(converged.BENCHMARKS["photo_set"], "qgvae", tmp_path)
+    assert shipped.model == benchmark["model"]
+    for key, value in benchmark.items():
+        if key not in ("output_dir", "model", "data", "mixed_precision", "report_to"):
+            assert getattr(shipped, key) == value, key
+    assert shipped.data.random_crops and shipped.data.eval_split == "test"

@@ -125,11 +125,13 @@ def test_build_model_config_checks_keys_and_types():
         build_model_config({"model_type": "qgvea"})
 
 
-@pytest.mark.parametrize("name", ["mnist-demo", "photos32", "cifar10", "celeba64", "imagenet128"])
+@pytest.mark.parametrize("name", ["mnist-demo", "photo-set", "photos32", "cifar10", "celeba64", "imagenet128"])
 def test_shipped_configs_parse_and_build(name):
     cfg = load_config(train.TrainConfig, TRAINING / "configs" / f"{name}.yaml")
     config = build_model_config(cfg.model)
-    expected_bytes = {"mnist-demo": 18, "photos32": 72, "cifar10": 72, "celeba64": 288, "imagenet128": 288}[name]
+    expected_bytes = {
+        "mnist-demo": 18, "photo-set": 72, "photos32": 72, "cifar10": 72, "celeba64": 288, "imagenet128": 288
+    }[name]  # fmt: skip
     assert config.bytes_per_image == expected_bytes
     with torch.device("meta"):  # builds every module without allocating ImageNet-sized weights
         model = AutoModel.from_config(config)
