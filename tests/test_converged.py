@@ -49,6 +49,7 @@ def test_ablations_use_held_out_training_photos_and_change_one_thing(tmp_path):
     assert changed["full"] == set()
     assert changed["no_codebook_init"] == {"codebook_init"}
     assert changed["no_schedule"] == {"lr_scheduler", "lr_warmup_ratio", "lr_scheduler_kwargs"}
+    assert changed["reset_every_200"] == {"model"} and configs["reset_every_200"]["model"]["reset_interval"] == 200
     assert configs["reference"]["model"]["commitment_loss_weight"] == 1.0
     assert configs["reference"]["learning_rate"] == 2e-4 and configs["reference"]["ema_decay"] is None
     assert len({c["output_dir"] for c in configs.values()}) == len(configs)
