@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -126,7 +127,7 @@ def train(workdir: Path, names: list[str]) -> None:
         bench = BENCHMARKS[name]
         print(f"{name}: QG-VAE and patch VQ-VAE side by side, {bench.train_seconds / 60:.0f} min each", flush=True)
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda model_type: train_run(bench, model_type, workdir), ("qgvae", "patch_vqvae")))
+            list(pool.map(partial(train_run, bench, workdir=workdir), ("qgvae", "patch_vqvae")))
 
 
 def main(argv: list[str] | None = None) -> None:

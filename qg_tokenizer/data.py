@@ -79,8 +79,8 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
     """A local `.npz` of uint8 images `(N, H, W)` (grey) or `(N, H, W, 3)` (RGB) as "train"/"test" splits.
 
     Either the keys `train` and `test` hold the two splits' images (further `(N, H, W, 3)` arrays such as `test64`
-    become splits of their own; whole photos `photo_*` do not, see [`load_photos`]), or `images` (with optional integer `labels`) is
-    split deterministically: the last `ceil(test_fraction * N)` rows are the test split.
+    become splits of their own; whole photos `photo_*` do not, see [`load_photos`]), or `images` (with optional
+    integer `labels`) is split deterministically: the last `ceil(test_fraction * N)` rows are the test split.
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -89,7 +89,9 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
     with np.load(path) as npz:
         keys = set(npz.files)
         if {"train", "test"} <= keys:  # and any further image arrays (e.g. `test64`), except whole photos
-            names = [k for k in npz.files if k in ("train", "test") or (npz[k].ndim == 4 and not k.startswith("photo_"))]
+            names = [
+                k for k in npz.files if k in ("train", "test") or (npz[k].ndim == 4 and not k.startswith("photo_"))
+            ]
             return DatasetDict({s: _to_dataset(_check_images(npz[s], s, path)) for s in names})
         if "images" not in keys:
             raise ValueError(

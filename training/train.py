@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 from transformers import AutoModel, get_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` next to this script, however it is launched
@@ -62,7 +62,6 @@ from qg_tokenizer.modeling_qggan import (  # noqa: E402
     qggan_autoencoder_loss,
 )
 from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
-
 
 SCHEDULE_TICKS = 10_000  # the resolution of a learning-rate schedule on the time clock
 
