@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_qgvae import QGVAEConfig
-from .modeling_qgvae import ConditioningPyramid, QGVAEHourglassLevel, QGVAEModelOutput, QGVAEResidualBlock
+from .modeling_qgvae import (
+    ConditioningPyramid,
+    QGVAEHourglassLevel,
+    QGVAEModelOutput,
+    QGVAEResidualBlock,
+    preferred_layout,
+)
 
 GAN_WEIGHT_EPSILON = 1e-6  # added elementwise to the adversarial gradient before its norm (as the reference)
 
@@ -37,7 +43,8 @@ class QGGANDiscriminator(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, ch, H, W]` -> `[B, 1, H, W]` logits; positive means "real"."""
-        cond = ConditioningPyramid(pixel_values)
+        pixel_values = preferred_layout(pixel_values)
+        cond = ConditioningPyramid(pixel_values)  # conditioned on the image alone: no position channels
         hidden = self.in_block(pixel_values, pixel_values)
         return self.out_block(self.hourglass(hidden, cond), pixel_values)
 

@@ -38,32 +38,61 @@ def resize(x: torch.Tensor, size: int, shrink_mode: str = "area") -> torch.Tenso
     if x.shape[-1] == size:
         return x
     if x.shape[-1] > size:
+        if shrink_mode == "area" and x.shape[-1] % size == 0:  # the same average, by the faster pooling kernel
+            return F.avg_pool2d(x, x.shape[-1] // size)
         return F.interpolate(x, size=(size, size), mode=shrink_mode)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-class ConditioningPyramid:
-    """The hourglass conditioning `concat(x, position grid)` at every resolution, each computed once per call.
+def preferred_layout(x: torch.Tensor) -> torch.Tensor:
+    """`x [B, C, h, w]` in the layout the hourglasses compute in: channels_last on CPU, where the oneDNN convolutions
+    and the bilinear and pooling kernels run several times faster in NHWC than in NCHW (see
+    `benchmarks/bench_model.py`); unchanged elsewhere (not measured there; CUDA's GroupNorm has no NHWC kernel).
 
-    The position channels do not depend on the input: `position_levels(size)` gives them at every size, computed once
-    per model (see [`QGVAEHourglass.position_levels`]); only the input channels are resized on each call. Without
-    `position_levels` the conditioning is `x` alone (the QGGAN discriminator).
+    `contiguous(memory_format=...)` keeps the strides of a single-channel NCHW tensor (it is contiguous in both
+    layouts), but oneDNN takes the layout of its outputs from the strides: such a tensor is copied into NHWC strides.
+    """
+    if x.device.type != "cpu":
+        return x
+    if x.stride(1) != 1:
+        return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def pooled_conv_weight(weight: torch.Tensor, factor: int) -> torch.Tensor:
+    """`[o, i, 3, 3]` -> `[o, i, factor + 2, factor + 2]`: the kernel `k` with `conv2d(x, k, stride=factor, padding=1)
+    == avg_pool2d(conv2d(x, weight, padding=1), factor)` (the 3x3 kernel averaged over the factor x factor window),
+    which computes only the pixels the pooling keeps."""
+    return F.avg_pool2d(F.pad(weight, (factor - 1,) * 4), factor, stride=1)
+
+
+class ConditioningPyramid:
+    """The hourglass conditioning `concat(x, position grid)` at every resolution, its two parts kept apart.
+
+    `pyramid(size)` gives `(inputs [B, n, size, size], position [1, P, size, size] or None)`: the input resized
+    (once per call and size) and the input-independent position channels, which `position_levels(size)` computes once
+    per model (see [`QGVAEHourglass.position_levels`]). The blocks project the two parts separately (see
+    [`QGVAEResidualBlock`]), so the `[B, n + P, size, size]` concatenation is never built.
     """
 
     def __init__(self, x: torch.Tensor, position_levels: Callable[[int], torch.Tensor] | None = None):
-        self.x, self.position_levels, self.levels = x, position_levels, {}
+        self.x, self.position_levels = x, position_levels
+        self.levels: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def __call__(self, size: int) -> torch.Tensor:
+    def __call__(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if size not in self.levels:
-            x = resize(self.x, size, shrink_mode="nearest")
-            if self.position_levels is not None:
-                x = torch.cat((x, self.position_levels(size).expand(x.shape[0], -1, -1, -1)), dim=1)
-            self.levels[size] = x
+            position = None if self.position_levels is None else self.position_levels(size)
+            self.levels[size] = (resize(self.x, size, shrink_mode="nearest"), position)
         return self.levels[size]
 
 
 class QGVAEResidualBlock(GradientCheckpointingLayer):
-    """Imagen-style residual block with the conditioning injected: `conv(SiLU(GN(conv(SiLU(GN(x + W c)))))) + W' x`."""
+    """Imagen-style residual block with the conditioning injected: `conv(SiLU(GN(conv(SiLU(GN(x + W c)))))) + W' x`.
+
+    The conditioning `c = concat(inputs, position)` comes in its two parts; `W c` is computed as
+    `W[:, :n] inputs + W[:, n:] position` (a 1x1 convolution of a concatenation is the sum of the convolutions of its
+    parts), the position part at batch 1. `cond_proj` keeps the reference's single `[in, n + P, 1, 1]` weight.
+    """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, cond_channels: int):
         super().__init__()
@@ -74,10 +103,25 @@ class QGVAEResidualBlock(GradientCheckpointingLayer):
         self.norm2 = group_norm(mid_channels)
         self.conv2 = nn.Conv2d(mid_channels, out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm1(x + self.cond_proj(cond)))
+    def forward(
+        self, x: torch.Tensor, inputs: torch.Tensor, position: torch.Tensor | None = None, downsample: bool = False
+    ) -> torch.Tensor:
+        """`x [B, in, h, w]`, `inputs [B, n, h, w]`, `position [1, P, h, w]` (or None when P = 0) -> `[B, out, h, w]`,
+        or `avg_pool2d(., 2)` of it, `[B, out, h/2, w/2]`, with `downsample`."""
+        weight, n = self.cond_proj.weight.flatten(1), inputs.shape[1]  # (in, n + P)
+        # W c as matmuls over the pixels of the channels-last layout, (B, h, w, n) @ (n, in), with x and the batch-1
+        # position part added in place there: its backward then sums a contiguous gradient over the batch (summing a
+        # channels-last [B, in, h, w] over B is many times slower)
+        h = F.linear(inputs.permute(0, 2, 3, 1), weight[:, :n]).add_(x.permute(0, 2, 3, 1))  # (B, h, w, in)
+        if position is not None:
+            h = h.add_(F.linear(position.permute(0, 2, 3, 1), weight[:, n:]))  # += (1, h, w, in)
+        h = F.silu(self.norm1(h.permute(0, 3, 1, 2)))
         h = F.silu(self.norm2(self.conv1(h)))
-        return self.conv2(h) + self.skip(x)
+        if downsample:
+            # the 2x2 average folded into the convolutions (it commutes with the 1x1 skip)
+            kernel = pooled_conv_weight(self.conv2.weight, 2)
+            return F.conv2d(h, kernel, self.conv2.bias, stride=2, padding=1).add_(self.skip(F.avg_pool2d(x, 2)))
+        return self.conv2(h).add_(self.skip(x))
 
 
 class QGVAEResidualStack(nn.Module):
@@ -90,9 +134,12 @@ class QGVAEResidualStack(nn.Module):
             QGVAEResidualBlock(widths[i], mid_channels, widths[i + 1], cond_channels) for i in range(num_blocks)
         )
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, cond)
+    def forward(
+        self, x: torch.Tensor, inputs: torch.Tensor, position: torch.Tensor | None = None, downsample: bool = False
+    ) -> torch.Tensor:
+        """See [`QGVAEResidualBlock.forward`]; with `downsample` the last block also halves the resolution."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, inputs, position, downsample and i == len(self.blocks) - 1)
         return x
 
 
@@ -140,12 +187,12 @@ class QGVAEHourglassLevel(nn.Module):
         self.out_channels = dim_out
 
     def forward(self, x: torch.Tensor, cond: ConditioningPyramid) -> torch.Tensor:
-        x = self.in_res(self.in_conv(x), cond(x.shape[-1]))
+        # the x0.5 average pooling (= bilinear x0.5 on even sizes) happens inside the last block of in_res
+        x = self.in_res(self.in_conv(x), *cond(x.shape[-1]), downsample=self.inner is not None and self.downsample)
         if self.inner is not None:
-            x = F.avg_pool2d(x, 2) if self.downsample else x  # = bilinear x0.5 on even sizes
             x = self.inner(x, cond)
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False) if self.upsample else x
-        return self.out_conv(self.out_res(x, cond(x.shape[-1])))
+        return self.out_conv(self.out_res(x, *cond(x.shape[-1])))
 
 
 class QGVAEHourglass(nn.Module):
@@ -172,17 +219,28 @@ class QGVAEHourglass(nn.Module):
 
         def level(size: int) -> torch.Tensor:
             key = (base, size, device, dtype)
-            if key not in self._position_cache:
-                grid = grid_position_encoding(base, self.num_octaves, device, dtype)
-                self._position_cache[key] = resize(grid, size, shrink_mode="nearest")
-            return self._position_cache[key]
+            if key in self._position_cache:
+                return self._position_cache[key]
+            grid = grid_position_encoding(base, self.num_octaves, device, dtype)
+            grid = preferred_layout(resize(grid, size, shrink_mode="nearest"))
+            if not torch.compiler.is_compiling():  # a traced graph computes the grid; it must not cache a traced tensor
+                self._position_cache[key] = grid
+            return grid
 
         return level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cond = ConditioningPyramid(x, self.position_levels(x.shape[-1], x.device, x.dtype))
+        """`[B, in, s, s]` -> `[B, out, s', s']`, computed (and returned) in the [`preferred_layout`]."""
+        x = preferred_layout(x)
+        position = self.position_levels(x.shape[-1], x.device, x.dtype) if self.num_octaves else None
+        cond = ConditioningPyramid(x, position)
         out = self.levels(x, cond)
-        return self.out_proj(out + resize(self.outer_residual(x), out.shape[-1]))
+        if out.shape[-1] < x.shape[-1]:  # the encoder's area shrink by 2^f folded into the outer residual convolution
+            factor = x.shape[-1] // out.shape[-1]
+            residual = F.conv2d(x, pooled_conv_weight(self.outer_residual.weight, factor), stride=factor, padding=1)
+        else:
+            residual = resize(self.outer_residual(x), out.shape[-1])
+        return self.out_proj(out + residual)
 
 
 class QGVAETokenProjection(nn.Module):
@@ -203,7 +261,8 @@ class QGVAETokenProjection(nn.Module):
         # one matmul per head with batch and tokens folded into the rows: (NH, B * C/NH, in) @ (NH, in, out)
         rows = x.reshape(batch, self.num_heads, tokens // self.num_heads, self.in_features).transpose(0, 1)
         out = torch.baddbmm(self.bias, rows.reshape(self.num_heads, -1, self.in_features), self.weight)
-        return out.reshape(self.num_heads, batch, tokens // self.num_heads, -1).transpose(0, 1).reshape(batch, tokens, -1)
+        out = out.reshape(self.num_heads, batch, tokens // self.num_heads, -1)  # (NH, B, C/NH, out)
+        return out.transpose(0, 1).reshape(batch, tokens, -1)
 
 
 class QGVAEEncoder(nn.Module):
@@ -220,7 +279,9 @@ class QGVAEEncoder(nn.Module):
         self.projection = QGVAETokenProjection(config.num_heads, config.token_map_size**2, config.codeword_dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        maps = self.hourglass(pixel_values) + resize(self.residual(pixel_values), self.token_map_size)
+        pixel_values = preferred_layout(pixel_values)
+        # the 1x1 residual commutes with the (area) resize: pooling the ch input channels is cheaper than C maps
+        maps = self.hourglass(pixel_values) + self.residual(resize(pixel_values, self.token_map_size))
         return self.projection(maps.flatten(2))  # (B, C, N) -> (B, C, D)
 
 
@@ -240,7 +301,8 @@ class QGVAEDecoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = latents.shape
         maps = self.projection(latents).reshape(batch, tokens, self.token_map_size, self.token_map_size)
-        return self.hourglass(maps) + resize(self.residual(maps), self.image_size)
+        maps = preferred_layout(maps)
+        return (self.hourglass(maps) + resize(self.residual(maps), self.image_size)).contiguous()
 
 
 class QGVAEPreTrainedModel(PreTrainedModel):

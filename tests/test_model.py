@@ -196,3 +196,33 @@ def test_bf16_autocast_keeps_quantizer_fp32(tiny_model):
     assert out.codebook_loss.dtype == torch.float32 and tiny_model.quantizer.codebook.dtype == torch.float32
     assert torch.isfinite(out.loss)
     assert torch.equal(out.token_ids, tiny_model.encode(x).token_ids)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    torch.manual_seed(0)
+    model = QGVAEModel(tiny_config()).train()
+    x, mask = torch.rand(2, 1, 16, 16), torch.ones(2, 8)
+    model(x, token_mask=mask).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model(x, token_mask=mask).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_forward_exports_with_a_dynamic_batch(tiny_model):
+    class Reconstruct(torch.nn.Module):
+        def __init__(self, model: QGVAEModel):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values).reconstruction
+
+    wrapper = Reconstruct(tiny_model)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(wrapper, (torch.rand(2, 1, 16, 16),), dynamic_shapes={"pixel_values": {0: batch}})
+    x = torch.rand(5, 1, 16, 16)
+    torch.testing.assert_close(exported.module()(x), wrapper(x))
