@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qg_tokenizer import QGVAEConfig, QGVAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BASELINE = Path("/work/baseline")
+DEFAULT_BASELINE = ROOT.parent / "qg-baseline"  # where the docstring's `git worktree add` puts it
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "bench_model.json"
 SIDES = ("baseline", "today")
 # the equivalence check: relative differences (gradients relative to the largest of the parameter's own gradient

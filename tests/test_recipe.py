@@ -14,7 +14,7 @@ from qg_tokenizer.data import RandomCropStream, load_image_dataset, load_photos,
 from qg_tokenizer.quantizer_qgvae import PerTokenQuantizer
 
 from .conftest import TINY
-from .test_training import read_log, reset_accelerate_state
+from .test_training import isolated_run, read_log, reset_accelerate_state  # noqa: F401 (autouse fixture)
 
 TRAINING = Path(__file__).resolve().parents[1] / "training"
 sys.path.insert(0, str(TRAINING))
@@ -23,15 +23,6 @@ import train  # noqa: E402
 from common import ConfigError  # noqa: E402
 
 COLOUR = [f"model.{k}={v}" for k, v in {**TINY, "num_channels": 3, "reset_interval": 3}.items()]
-
-
-@pytest.fixture(autouse=True)
-def isolated_run():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")
