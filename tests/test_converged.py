@@ -101,3 +101,16 @@ def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
         if key not in ("output_dir", "model", "data", "mixed_precision", "report_to"):
             assert getattr(shipped, key) == value, key
     assert shipped.data.random_crops and shipped.data.eval_split == "test"
+
+
+def test_ablation_rows_score_raw_weights_and_report_the_ema(tmp_path):
+    configs = converged.ablation_configs(tmp_path, seconds=60)
+    for name, psnr in (("full", 20.0), ("no_schedule", 19.0)):
+        folder = Path(configs[name]["output_dir"])
+        folder.mkdir(parents=True)
+        history = [{"psnr": 9.0, "live_psnr": psnr}] if name == "full" else [{"psnr": psnr}]
+        results = {"history": history, "step": 10, "train_time": 60.0, "train_set_usage": {"usage_min": 0.5}}
+        (folder / "results.json").write_text(json.dumps(results))
+    rows = converged.ablation_rows(configs)
+    assert rows["seconds"] == 60 and set(rows["runs"]) == {"full", "no_schedule", "ema"}  # unfinished runs left out
+    assert [rows["runs"][n]["validation_psnr"] for n in ("full", "no_schedule", "ema")] == [20.0, 19.0, 9.0]
