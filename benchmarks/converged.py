@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_model import count_flops  # noqa: E402
 from image_codecs import jpeg_webp_at_budget, to_tensor  # noqa: E402
 from rate_distortion import analyse_model, best_fitting, codec_rows, paired_difference, psnr_at_time  # noqa: E402
 from readme_blocks import replace_block  # noqa: E402
@@ -225,16 +225,14 @@ def test_images(name: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def flops_per_image(folder: Path, images: torch.Tensor) -> dict[str, float]:
-    """Encode and decode GFLOPs per image (torch's FLOP counter, batch of 8)."""
-    model = AutoModel.from_pretrained(folder).eval()
+def flops_per_image(model, images: torch.Tensor) -> dict[str, float]:
+    """Encode and decode GFLOPs per image (`bench_model.count_flops`, batch of 8)."""
     batch = images[:8]
-    flops = {}
-    for name, fn in (("encode", lambda: model.encode(batch)), ("decode", lambda: model(batch))):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        flops[name] = counter.get_total_flops() / len(batch) / 1e9
-    return {"encode_gflops_per_image": flops["encode"], "decode_gflops_per_image": flops["decode"] - flops["encode"]}
+    token_ids = model.encode(batch).token_ids
+    return {
+        "encode_gflops_per_image": count_flops(lambda: model.encode(batch)) / len(batch) / 1e9,
+        "decode_gflops_per_image": count_flops(lambda: model.decode(token_ids)) / len(batch) / 1e9,
+    }
 
 
 def summarize_run(results: dict, analysis: dict) -> dict:
@@ -266,7 +264,7 @@ def analyse_benchmark(bench: Benchmark, workdir: Path) -> dict:
         results = json.loads((folder / "results.json").read_text())
         prefixes = bench.prefixes if model_type == "qgvae" else ()
         entry[model_type] = summarize_run(results, analyse_model(folder, images, prefixes, influence_images=4))
-        entry[model_type] |= flops_per_image(folder, images)
+        entry[model_type] |= flops_per_image(AutoModel.from_pretrained(folder).eval(), images)
     qg, patch = entry["qgvae"], entry["patch_vqvae"]
     entry["budget_bytes"] = budget = qg["bytes_per_image"]
     entry["qgvae_minus_patch_per_image"] = paired_difference(qg["psnr_per_image"], patch["psnr_per_image"])

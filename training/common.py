@@ -379,10 +379,9 @@ def load_splits(
     the held-out training photos.
     """
     loaded = []
-    if data.random_crops and data.eval_split == "validation" and data.validation_photos:
-        validation = photo_crop_dataset(training_photos(data)[1], image_size, data.num_validation_crops, seed=10**6)
-        return load_splits(dataclasses.replace(data, eval_split=data.train_split), num_processes)[0], validation
-    for split_key, split in (("train_split", data.train_split), ("eval_split", data.eval_split)):
+    validation = data.random_crops and data.eval_split == "validation" and data.validation_photos > 0
+    splits = [("train_split", data.train_split)] + ([] if validation else [("eval_split", data.eval_split)])
+    for split_key, split in splits:
         try:
             loaded.append(
                 load_image_dataset(
@@ -396,6 +395,8 @@ def load_splits(
             raise ConfigError(f"data.{key}: {err}") from err
         except Exception as err:  # hub look-ups fail with network/hub-specific errors
             raise ConfigError(f"data.source: could not load {data.source!r}: {err}") from err
+    if validation:
+        loaded.append(photo_crop_dataset(training_photos(data)[1], image_size, data.num_validation_crops, seed=10**6))
     return loaded[0], loaded[1]
 
 
@@ -436,13 +437,13 @@ def build_eval_dataloader(
 
 
 def crop_batches(
-    data: DataConfig, collator: ImageCollator, image_size: int, batch_size: int, accelerator: Accelerator, seed: int,
-    skip_batches: int = 0,
+    photos: list[np.ndarray], data: DataConfig, collator: ImageCollator, image_size: int, batch_size: int,
+    accelerator: Accelerator, seed: int, skip_batches: int = 0,
 ) -> Iterator[torch.Tensor]:  # fmt: skip
-    """Training batches from [`RandomCropStream`] (`data.random_crops`): a stream of its own on every process,
-    continued `skip_batches` batches in (crop i is a function of seed, process and i, so resuming is exact)."""
+    """Training batches from [`RandomCropStream`] over `photos` (`data.random_crops`): a stream of its own on every
+    process, continued `skip_batches` batches in (crop i is a function of seed, process and i, so resuming is exact)."""
     stream = RandomCropStream(
-        training_photos(data)[0], image_size, seed=seed, process_index=accelerator.process_index,
+        photos, image_size, seed=seed, process_index=accelerator.process_index,
         start=skip_batches * batch_size, min_side=data.crop_min_side, horizontal_flip=data.horizontal_flip,
     )  # fmt: skip
     loader = DataLoader(stream, batch_size, collate_fn=collator, num_workers=data.num_workers)

@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if cfg.data.streaming and (cfg.max_eval_samples is None or cfg.final_usage_samples is None):
         raise ConfigError("data.streaming needs max_eval_samples and final_usage_samples (a stream has no end)")
-    if cfg.data.random_crops:
-        training_photos(cfg.data)  # the photos load and the validation hold-out fits
+    # the whole photos a random-crop stream draws from (loaded once; also checks the validation hold-out fits)
+    crop_photos = training_photos(cfg.data)[0] if cfg.data.random_crops else None
     perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
     accelerator = setup_accelerator(
         output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         num_training_steps=schedule_length * accelerator.num_processes,
         scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )  # fmt: skip
-    train_loader = build_train_dataloader(train_data, collator, cfg.data, cfg.batch_size, accelerator, cfg.seed)
+    train_loader = None if crop_photos else build_train_dataloader(
+        train_data, collator, cfg.data, cfg.batch_size, accelerator, cfg.seed
+    )  # fmt: skip
     eval_loader = build_eval_dataloader(eval_data, collator, cfg.eval_batch_size, accelerator, cfg.max_eval_samples)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     discriminator = optimizer_d = None
@@ -253,9 +255,9 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
 
     # ------------------------------------------------------------------------------------------ training loop
     skip = state.step * cfg.gradient_accumulation_steps
-    if cfg.data.random_crops:
+    if crop_photos:
         batches = crop_batches(
-            cfg.data, collator, model_config.image_size, cfg.batch_size, accelerator, cfg.seed, skip
+            crop_photos, cfg.data, collator, model_config.image_size, cfg.batch_size, accelerator, cfg.seed, skip
         )  # fmt: skip
     else:
         batches = endless_batches(train_loader, accelerator, skip, cfg.data.horizontal_flip)
