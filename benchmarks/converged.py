@@ -1,6 +1,7 @@
 """Trained to their potential (issue 11): QG-VAE against the patch VQ-VAE at equal bytes and equal wall time.
 
-    nohup python benchmarks/converged.py train [--workdir outputs/converged] > outputs/converged.log 2>&1 &
+    nohup sh -c 'python benchmarks/converged.py ablate --ablation-seconds 300 && python benchmarks/converged.py train' \
+        > outputs/converged.log 2>&1 &
     python benchmarks/converged.py analyse [--workdir outputs/converged] [--update-readme]
 
 `train` runs two pairs through `training/train.py`, the two runs of a pair side by side with one thread each (both see
@@ -9,9 +10,12 @@ the same machine), each run for the same training time (evaluations and checkpoi
    patch VQ-VAE (8x8 grid, one shared codebook of 512) with the same recipe; trained on fresh random crops of the 22
    training photos, evaluated on the fixed `test` crops of the 6 held-out photos;
 2. MNIST (18 bytes: 16 tokens x 9 bits), 30 minutes: QG-VAE `mnist-cpu`, the patch VQ-VAE `mnist-cpu` (4x4 grid).
-Both models of a pair get one recipe (`RECIPE`: warm-up and cosine decay over the training time, EMA of the weights,
-data-dependent codebook initialisation, the short-run CPU settings). The stage resumes: a finished run (its folder
-holds `results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint.
+Each model's recipe is chosen by `ablate` (run it first): every model type trains `RECIPE` (warm-up and cosine decay
+over the training time, EMA of the weights, data-dependent codebook initialisation, the short-run CPU settings) and
+each one-at-a-time change of `VARIANTS` for the same short time on photo_set, scored on crops of training photos held
+out of the stream; `select_changes` keeps an addition only if removing it loses validation PSNR and takes an
+alternative only if it gains (the same sweep for both models). The stages resume: a finished run (its folder holds
+`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint.
 
 `analyse` reads the runs and writes `benchmarks/results/converged.json`, figures under `benchmarks/results/figures/`
 (`converged_<data>_training.png`, `converged_<data>_progressive.png`, `converged_<data>_rate_distortion.png`) and, with
@@ -56,7 +60,8 @@ CURVE_STEP = 5  # JPEG/WebP curve points off the models' budget use every 5th te
 ABLATION_NAMES = {
     "full": "full recipe (raw weights)", "ema": "full recipe, its EMA model (decay 0.999)",
     "no_codebook_init": "without data-dependent codebook init", "no_schedule": "without warm-up and cosine decay",
-    "reference": "reference recipe (SPEC section 6)", "reset_every_200": "Voronoi reset every 200 steps instead of 50",
+    "reset_every_200": "Voronoi reset every 200 steps instead of 50",
+    "lr_2x": "learning rates doubled (2e-3, codebooks 2e-2)", "reference": "reference recipe (SPEC section 6)",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -108,11 +113,31 @@ BENCHMARKS = {
 }
 
 
-def train_config(bench: Benchmark, model_type: str, workdir: Path) -> dict:
-    """The `training/train.py` config of one run."""
+# one-at-a-time changes of the recipe, each ablated for both models; "model" holds model-config changes
+VARIANTS = {
+    "full": {},
+    "no_codebook_init": {"codebook_init": "uniform"},
+    "no_schedule": {"lr_scheduler": "constant", "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}},
+    # each token's codebook sees batch x interval samples between resets: 1,600 for 512 codewords at 50 steps
+    "reset_every_200": {"model": {"reset_interval": 200}},
+    "lr_2x": {"learning_rate": 2e-3, "codebook_learning_rate": 2e-2},
+    "reference": {"learning_rate": 2e-4, "codebook_learning_rate": None, "lr_scheduler": "constant",
+                  "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}, "ema_decay": None, "codebook_init": "uniform",
+                  "model": {"commitment_loss_weight": 1.0, "reset_interval": 100}},
+}  # fmt: skip
+SELECTABLE = ("no_codebook_init", "no_schedule", "reset_every_200", "lr_2x")  # "reference" is a yardstick only
+
+
+def with_changes(config: dict, changes: dict) -> dict:
+    """`config` with `changes` applied (their "model" entries merged into the model config)."""
+    return config | changes | {"model": config["model"] | changes.get("model", {})}
+
+
+def train_config(bench: Benchmark, model_type: str, workdir: Path, changes: dict | None = None) -> dict:
+    """The `training/train.py` config of one run: `RECIPE` with `changes` (see `select_changes`)."""
     presets = QGVAE_PRESETS if model_type == "qgvae" else PATCH_VQVAE_PRESETS
     model = {"model_type": model_type, **presets[bench.preset], **MODEL_RECIPE}
-    return {
+    config = {
         "output_dir": str(workdir / f"{bench.name}-{model_type}"),
         "seed": 0,
         "model": model,
@@ -125,6 +150,30 @@ def train_config(bench: Benchmark, model_type: str, workdir: Path) -> dict:
         "eval_batch_size": 256,
         "final_usage_samples": None,
     }
+    return with_changes(config, changes or {})
+
+
+def select_changes(rows: dict) -> dict:
+    """The recipe changes one model's ablation `rows` (`ablation_rows(...)["runs"]`) choose: each selectable variant
+    that beats the full recipe's validation PSNR, and no EMA unless its model beats the raw weights. The changes are
+    combined as if independent (a one-at-a-time sweep, not a grid)."""
+    full = rows["full"]["validation_psnr"]
+    changes: dict = {"model": {}}
+    for name in SELECTABLE:
+        if name in rows and rows[name]["validation_psnr"] > full:
+            changes = with_changes(changes, VARIANTS[name])
+    if rows["ema"]["validation_psnr"] <= full:
+        changes["ema_decay"] = None
+    return changes
+
+
+def selected_changes(model_type: str) -> dict:
+    """`select_changes` of `model_type`'s ablations in `converged.json`; an error if `ablate` has not run for it."""
+    runs = json.loads(RESULTS.read_text()).get("ablations", {}).get(model_type, {}).get("runs", {}) if (
+        RESULTS.is_file()) else {}  # fmt: skip
+    if not {"full", "ema"} <= set(runs):
+        raise SystemExit(f"no finished {model_type} ablations in {RESULTS}: run `converged.py ablate` first")
+    return select_changes(runs)
 
 
 def train_run(config: dict, workdir: Path) -> dict:
@@ -155,42 +204,37 @@ def train(workdir: Path, names: list[str]) -> None:
     for name in names:
         bench = BENCHMARKS[name]
         print(f"{name}: QG-VAE and patch VQ-VAE side by side, {bench.train_seconds / 60:.0f} min each", flush=True)
-        train_pairs([train_config(bench, model_type, workdir) for model_type in ("qgvae", "patch_vqvae")], workdir)
+        configs = [train_config(bench, m, workdir, selected_changes(m)) for m in MODEL_NAMES]
+        train_pairs(configs, workdir)
 
 
-def ablation_configs(workdir: Path, seconds: float) -> dict[str, dict]:
-    """QG-VAE on photo_set, `seconds` each, scored on crops of 3 training photos held out of the stream (never the
-    test photos): the full recipe, each addition removed in turn (the EMA's effect is read from the full run's raw
-    weights, `live_psnr`), a slower Voronoi reset, and the reference recipe (SPEC section 6: lr 2e-4, no
-    codebook-rate boost, commitment 1.0, reset every 100 steps, no schedule, EMA or data initialisation)."""
-    base = train_config(BENCHMARKS["photo_set"], "qgvae", workdir / "ablations")
+def ablation_configs(workdir: Path, seconds: float, model_type: str) -> dict[str, dict]:
+    """`model_type` on photo_set, `seconds` each, scored on crops of 3 training photos held out of the stream (never
+    the test photos): the full recipe and each of `VARIANTS` (the EMA's effect is read from the full run's EMA model
+    against its raw weights, `live_psnr`); "reference" is SPEC section 6 (lr 2e-4, no codebook-rate boost,
+    commitment 1.0, reset every 100 steps, no schedule, EMA or data initialisation)."""
+    base = train_config(BENCHMARKS["photo_set"], model_type, workdir / "ablations")
     base |= {"max_train_time": seconds, "eval_every": 10**6, "max_eval_samples": None, "checkpoint_every": 250}
     base["data"] = base["data"] | {"validation_photos": 3, "eval_split": "validation", "num_validation_crops": 512}
-    variants = {
-        "full": {},
-        "no_codebook_init": {"codebook_init": "uniform"},
-        "no_schedule": {"lr_scheduler": "constant", "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}},
-        # each token's codebook sees batch x interval samples between resets: 1,600 for 512 codewords at 50 steps
-        "reset_every_200": {"model": base["model"] | {"reset_interval": 200}},
-        "reference": {"learning_rate": 2e-4, "codebook_learning_rate": None, "lr_scheduler": "constant",
-                      "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}, "ema_decay": None, "codebook_init": "uniform",
-                      "model": base["model"] | {"commitment_loss_weight": 1.0, "reset_interval": 100}},
-    }  # fmt: skip
+    folder = workdir / "ablations"
     return {
-        name: base | changes | {"output_dir": str(workdir / "ablations" / f"photo_set-qgvae-{name}")}
-        for name, changes in variants.items()
+        name: with_changes(base, changes) | {"output_dir": str(folder / f"photo_set-{model_type}-{name}")}
+        for name, changes in VARIANTS.items()
     }
 
 
 def ablate(workdir: Path, seconds: float) -> dict:
-    """Train the ablation runs and add their validation scores to `converged.json`."""
-    configs = ablation_configs(workdir, seconds)
-    train_pairs(list(configs.values()), workdir)
+    """Train both models' ablation runs (interleaved, two at a time) and add their validation scores and the
+    selected recipe changes to `converged.json`."""
+    configs = {m: ablation_configs(workdir, seconds, m) for m in MODEL_NAMES}
+    train_pairs([c for pair in zip(*(c.values() for c in configs.values())) for c in pair], workdir)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
-    results["ablations"] = ablation_rows(configs)
+    results["ablations"] = {m: ablation_rows(c) for m, c in configs.items()}
     RESULTS.write_text(json.dumps(results, indent=2))
-    for name, row in results["ablations"]["runs"].items():
-        print(f"{name:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps  usage min {row['usage_min']:.1%}")
+    for model_type, ablations in results["ablations"].items():
+        for name, row in ablations["runs"].items():
+            print(f"{model_type:12} {name:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
+        print(f"{model_type:12} selected changes: {select_changes(ablations['runs'])}")
     return results
 
 
@@ -325,8 +369,9 @@ def plot_benchmark(name: str, entry: dict, workdir: Path) -> dict[str, str]:
     for model_type, style, color in (("qgvae", "o-", "C0"), ("patch_vqvae", "s--", "C1")):
         history = entry[model_type]["history"]
         minutes = [h["train_time"] / 60 for h in history]
+        saved = "EMA" if "live_psnr" in history[0] else "raw weights"
         axes[0].plot(minutes, [h["psnr"] for h in history], style, color=color, ms=3,
-                     label=f"{MODEL_NAMES[model_type]} (saved: EMA)")  # fmt: skip
+                     label=f"{MODEL_NAMES[model_type]} (saved: {saved})")  # fmt: skip
         if "live_psnr" in history[0]:
             axes[0].plot(minutes, [h["live_psnr"] for h in history], style, color=color, ms=2, alpha=0.4,
                          label=f"{MODEL_NAMES[model_type]} (raw weights)")  # fmt: skip
@@ -427,13 +472,13 @@ def render_block(results: dict) -> str:
     lines += ["", "| data | target | measured | met |", "|---|---|---|---|"]
     for name, entry in results["benchmarks"].items():
         lines += [f"| {name} | {t['target']} | {t['measured']} | {mark[t['met']]} |" for t in entry["targets"]]
-    if "ablations" in results:
-        ablations = results["ablations"]
+    for model_type, ablations in results.get("ablations", {}).items():
         full = ablations["runs"]["full"]["validation_psnr"]
         lines += [
             "",
-            f"Recipe ablations (QG-VAE, photo_set, {ablations['seconds'] / 60:.0f} min each, two at a time; scored on "
-            f"{ablations['validation']}, never the test photos):",
+            f"Recipe ablations ({MODEL_NAMES[model_type]}, photo_set, {ablations['seconds'] / 60:.0f} min each, two at "
+            f"a time; scored on {ablations['validation']}, never the test photos). Selected changes, used by both "
+            f"benchmarks above: `{json.dumps(results['recipe']['selected_changes'][model_type])}`",
             "",
             "| run | validation PSNR (dB) | vs full recipe | steps |",
             "|---|---|---|---|",
@@ -452,10 +497,11 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
         entry = analyse_benchmark(BENCHMARKS[name], workdir)
         results["benchmarks"][name] = entry
         results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, workdir).items()}
-    results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE}
     if (workdir / "ablations").is_dir():
-        seconds = results.get("ablations", {}).get("seconds", 300.0)
-        results["ablations"] = ablation_rows(ablation_configs(workdir, seconds))
+        seconds = next(iter(results.get("ablations", {}).values()), {}).get("seconds", 300.0)
+        results["ablations"] = {m: ablation_rows(ablation_configs(workdir, seconds, m)) for m in MODEL_NAMES}
+    selected = {m: select_changes(a["runs"]) for m, a in results["ablations"].items()}
+    results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE, "selected_changes": selected}
     RESULTS.write_text(json.dumps(results, indent=2))
     block = render_block(results)
     print(block)

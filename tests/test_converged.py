@@ -21,7 +21,7 @@ from common import build_model_config, load_config  # noqa: E402
 @pytest.mark.parametrize("name", list(converged.BENCHMARKS))
 def test_pair_configs_share_recipe_bytes_and_time(name, tmp_path):
     bench = converged.BENCHMARKS[name]
-    configs = {m: converged.train_config(bench, m, tmp_path) for m in ("qgvae", "patch_vqvae")}
+    configs = {m: converged.train_config(bench, m, tmp_path) for m in ("qgvae", "patch_vqvae")}  # before selection
     models = {m: build_model_config(c["model"]) for m, c in configs.items()}
     assert isinstance(models["qgvae"], QGVAEConfig) and isinstance(models["patch_vqvae"], PatchVQVAEConfig)
     budget = {"photo_set": 72, "mnist": 18}[name]
@@ -40,9 +40,11 @@ def test_pair_configs_share_recipe_bytes_and_time(name, tmp_path):
         assert recipe["data"]["random_crops"] and recipe["data"]["source"].endswith("photo_set.npz")
 
 
-def test_ablations_use_held_out_training_photos_and_change_one_thing(tmp_path):
-    configs = converged.ablation_configs(tmp_path, seconds=60)
+@pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
+def test_ablations_use_held_out_training_photos_and_change_one_thing(model_type, tmp_path):
+    configs = converged.ablation_configs(tmp_path, seconds=60, model_type=model_type)
     full = configs["full"]
+    assert full["model"]["model_type"] == model_type
     assert full["data"]["eval_split"] == "validation" and full["data"]["validation_photos"] == 3
     assert full["max_train_time"] == 60
     changed = {name: {k for k in c if c[k] != full[k] and k != "output_dir"} for name, c in configs.items()}
@@ -50,9 +52,36 @@ def test_ablations_use_held_out_training_photos_and_change_one_thing(tmp_path):
     assert changed["no_codebook_init"] == {"codebook_init"}
     assert changed["no_schedule"] == {"lr_scheduler", "lr_warmup_ratio", "lr_scheduler_kwargs"}
     assert changed["reset_every_200"] == {"model"} and configs["reset_every_200"]["model"]["reset_interval"] == 200
+    assert configs["reset_every_200"]["model"] == full["model"] | {"reset_interval": 200}
+    assert changed["lr_2x"] == {"learning_rate", "codebook_learning_rate"}
     assert configs["reference"]["model"]["commitment_loss_weight"] == 1.0
     assert configs["reference"]["learning_rate"] == 2e-4 and configs["reference"]["ema_decay"] is None
     assert len({c["output_dir"] for c in configs.values()}) == len(configs)
+
+
+def test_selection_keeps_an_addition_only_if_the_ablation_shows_it_helps(tmp_path):
+    def rows(**psnr):
+        return {name: {"validation_psnr": value} for name, value in psnr.items()}
+
+    nothing_helps_to_remove = rows(full=20.0, ema=20.5, no_codebook_init=19.0, no_schedule=19.5, reset_every_200=19.9,
+                                   lr_2x=18.0, reference=25.0)  # the reference is a yardstick, never selected
+    assert converged.select_changes(nothing_helps_to_remove) == {"model": {}}
+    chosen = converged.select_changes(rows(full=20.0, ema=9.0, no_codebook_init=20.1, no_schedule=21.0,
+                                           reset_every_200=20.2, lr_2x=20.0))  # fmt: skip
+    assert chosen == {"model": {"reset_interval": 200}, "codebook_init": "uniform", "lr_scheduler": "constant",
+                      "lr_warmup_ratio": 0.0, "lr_scheduler_kwargs": {}, "ema_decay": None}  # fmt: skip
+    config = converged.train_config(converged.BENCHMARKS["mnist"], "qgvae", tmp_path, chosen)
+    assert config["model"]["reset_interval"] == 200 and config["model"]["num_tokens"] == 16
+    assert config["ema_decay"] is None and config["learning_rate"] == converged.RECIPE["learning_rate"]
+
+
+def test_training_refuses_to_run_before_the_ablations(tmp_path, monkeypatch):
+    monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
+    with pytest.raises(SystemExit, match="no finished qgvae ablations.*run `converged.py ablate` first"):
+        converged.selected_changes("qgvae")
+    (tmp_path / "converged.json").write_text(json.dumps({"ablations": {"qgvae": {"runs": {"full": {}}}}}))
+    with pytest.raises(SystemExit, match="no finished qgvae ablations"):
+        converged.selected_changes("qgvae")
 
 
 def entry(qg_psnr: float, patch_psnr: float, codec_psnr: float, usage_min: float = 0.95) -> dict:
@@ -95,7 +124,8 @@ def test_readme_block_is_generated_from_the_json():
 def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
     """`training/configs/photo-set.yaml` trains exactly what the benchmark quotes (bar its output and logging)."""
     shipped = load_config(train.TrainConfig, ROOT / "training" / "configs" / "photo-set.yaml")
-    benchmark = converged.train_config(converged.BENCHMARKS["photo_set"], "qgvae", tmp_path)
+    selected = converged.selected_changes("qgvae")  # from the committed converged.json
+    benchmark = converged.train_config(converged.BENCHMARKS["photo_set"], "qgvae", tmp_path, selected)
     assert shipped.model == benchmark["model"]
     for key, value in benchmark.items():
         if key not in ("output_dir", "model", "data", "mixed_precision", "report_to"):
@@ -104,7 +134,7 @@ def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
 
 
 def test_ablation_rows_score_raw_weights_and_report_the_ema(tmp_path):
-    configs = converged.ablation_configs(tmp_path, seconds=60)
+    configs = converged.ablation_configs(tmp_path, seconds=60, model_type="qgvae")
     for name, psnr in (("full", 20.0), ("no_schedule", 19.0)):
         folder = Path(configs[name]["output_dir"])
         folder.mkdir(parents=True)
