@@ -12,7 +12,7 @@ $(BIN)/activate:
 install: $(BIN)/activate
 
 demo: install
-	$(BIN)/python -m qg_tokenizer.demo
+	$(BIN)/python training/demo.py
 
 test: install
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests

@@ -41,15 +41,16 @@ import yaml
 from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
 
 from bench_model import count_flops  # noqa: E402
+from demo import REPO_ROOT, run_training  # noqa: E402
 from image_codecs import jpeg_webp_at_budget, to_tensor  # noqa: E402
 from rate_distortion import analyse_model, best_fitting, codec_rows, paired_difference, psnr_at_time  # noqa: E402
 from readme_blocks import replace_block  # noqa: E402
 
 from qg_tokenizer import PATCH_VQVAE_PRESETS, QGVAE_PRESETS  # noqa: E402
 from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
-from qg_tokenizer.demo import REPO_ROOT, run_training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "converged.json"
@@ -421,7 +422,7 @@ def labelled_progressive(ax, model, images: torch.Tensor) -> None:
     c = model.config.num_tokens
     lengths = [k for k in (c // 16, c // 4, c // 2, c) if k >= 1] if model.config.model_type == "qgvae" else [c]
     token_ids = model.encode(images).token_ids
-    rows = [images] + [model.decode(token_ids, num_tokens=k).pixel_values.clamp(0, 1) for k in lengths]
+    rows = [images] + [model.decode(token_ids, prefix_length=k).pixel_values.clamp(0, 1) for k in lengths]
     labels = ["input"] + [f"first {k} tokens ({math.ceil(k * math.log2(model.config.codebook_size) / 8)} B)"
                           for k in lengths]  # fmt: skip
     size = images.shape[-1]

@@ -38,14 +38,18 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from readme_blocks import replace_block
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from qg_tokenizer import PATCH_VQVAE_PRESETS, QGPriorForCausalLM, QGVAEPipeline
-from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH, load_embedded_mnist
-from qg_tokenizer.demo import TRAIN_PRIOR_SCRIPT, run_training
-from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
+
+from demo import TRAIN_PRIOR_SCRIPT, run_training  # noqa: E402
+from readme_blocks import replace_block  # noqa: E402
+
+from qg_tokenizer import PATCH_VQVAE_PRESETS, QGPriorForCausalLM, QGVAEPipeline  # noqa: E402
+from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH, load_embedded_mnist  # noqa: E402
+from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README_START, README_END = "<!-- prior:start -->", "<!-- prior:end -->"

@@ -51,13 +51,14 @@ import yaml
 from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
 
+from demo import run_training  # noqa: E402
 from image_codecs import DEFAULT_PHOTOS, jpeg_webp_at_budget, to_tensor  # noqa: E402
 from readme_blocks import replace_block  # noqa: E402
 
 from qg_tokenizer import PATCH_VQVAE_PRESETS, QGVAE_PRESETS  # noqa: E402
 from qg_tokenizer.data import EMBEDDED_MNIST, MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
-from qg_tokenizer.demo import run_training  # noqa: E402
 from qg_tokenizer.metrics import psnr, ssim  # noqa: E402
 from qg_tokenizer.visualize import influence_coverage, influence_grid, progressive_grid, token_influence  # noqa: E402
 
@@ -234,7 +235,7 @@ def analyse_model(folder: Path, images: torch.Tensor, prefixes: tuple[int, ...],
     token_ids = torch.cat([model.encode(chunk).token_ids for chunk in images.split(250)])
     per_prefix = {}
     for k in sorted(set(prefixes) | {config.num_tokens}):
-        decoded = torch.cat([model.decode(ids, num_tokens=k).pixel_values for ids in token_ids.split(250)])
+        decoded = torch.cat([model.decode(ids, prefix_length=k).pixel_values for ids in token_ids.split(250)])
         per_prefix[k] = psnr(decoded, images)
         if k == config.num_tokens:
             full_ssim = ssim(decoded, images).mean().item()

@@ -44,7 +44,7 @@ data = (output_dir / "image.qgt").read_bytes()
 for k in prefix_lengths(model.config.num_tokens):
     prefix = truncate(data, k)  # what has arrived after k tokens
     reconstruction = model.decompress([prefix])
-    name = "reconstruction.png" if k == decode_tokens(data).num_kept else f"prefix-{k}.png"
+    name = "reconstruction.png" if k == decode_tokens(data).prefix_length else f"prefix-{k}.png"
     processor.postprocess(reconstruction)[0].save(output_dir / name)
     print(f"{k:4d} tokens: {len(prefix) - HEADER_NUM_BYTES:4d} payload bytes, "
           f"PSNR {psnr(reconstruction, pixel_values).item():6.2f} dB -> {name}")

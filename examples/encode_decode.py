@@ -36,7 +36,7 @@ with torch.no_grad():
     print(f"token_ids {list(token_ids.shape)} in [0, {codebook_size}); image 0: {token_ids[0].tolist()}")
     rows = [pixel_values]
     for k in prefix_lengths(num_tokens):
-        reconstruction = model.decode(token_ids, num_tokens=k).pixel_values  # [B, ch, S, S], not clamped
+        reconstruction = model.decode(token_ids, prefix_length=k).pixel_values  # [B, ch, S, S], not clamped
         rows.append(reconstruction)
         quality = psnr(reconstruction, pixel_values).mean().item()
         print(f"{k:4d} tokens = {payload_num_bytes(k, codebook_size):4d} bytes: PSNR {quality:6.2f} dB")

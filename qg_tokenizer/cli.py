@@ -1,9 +1,9 @@
 """`qg-tokenizer`: a QG-VAE from the shell. Images <-> token ids, images <-> compressed `.qgt` files, visualisations.
 
     qg-tokenizer encode IMAGES... --model DIR_OR_REPO -o tokens.npy|tokens.jsonl
-    qg-tokenizer decode tokens.npy --model M -o OUT_DIR|image.png [--num-tokens k]
-    qg-tokenizer compress IMAGE --model M -o FILE.qgt [--num-tokens k]
-    qg-tokenizer decompress FILE.qgt --model M -o IMAGE.png [--num-tokens k]
+    qg-tokenizer decode tokens.npy --model M -o OUT_DIR|image.png [--prefix-length k]
+    qg-tokenizer compress IMAGE --model M -o FILE.qgt [--prefix-length k]
+    qg-tokenizer decompress FILE.qgt --model M -o IMAGE.png [--prefix-length k]
     qg-tokenizer progressive IMAGE --model M -o grid.png       # reconstructions from k = 1, 2, 4, ... tokens
     qg-tokenizer influence IMAGE --model M -o map.png          # pixels each token changes, coloured per token
     qg-tokenizer info MODEL [--json]
@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-from .codec import CodecError, decode_tokens, truncate
+from .codec import HEADER_NUM_BYTES, CodecError, decode_tokens, truncate
 from .tokenize import encode_images, load_tokenizer, token_dtype
 from .visualize import influence_grid, prefix_lengths, progressive_grid
 
@@ -129,7 +129,7 @@ def _read_tokens(path: str) -> np.ndarray:
     return tokens
 
 
-def _read_stream(path: str, num_tokens: int | None) -> bytes:
+def _read_stream(path: str, prefix_length: int | None) -> bytes:
     """A `.qgt` file's bytes, header checked before the model is loaded, optionally cut to its first k tokens."""
     try:
         data = Path(path).read_bytes()
@@ -139,7 +139,7 @@ def _read_stream(path: str, num_tokens: int | None) -> bytes:
         raise CLIError(f"{path!r}: cannot read ({error.strerror})") from None
     try:
         decode_tokens(data)
-        return data if num_tokens is None else truncate(data, num_tokens)
+        return data if prefix_length is None else truncate(data, prefix_length)
     except CodecError as error:
         raise CLIError(f"{path!r}: {error}") from None
 
@@ -210,7 +210,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
     with _progress(len(tokens), args.batch_size, "decode") as bar, torch.inference_mode():
         for chunk in torch.from_numpy(tokens.astype(np.int64)).to(model.device).split(args.batch_size):
             try:
-                pixel_values = model.decode(chunk, num_tokens=args.num_tokens).pixel_values
+                pixel_values = model.decode(chunk, prefix_length=args.prefix_length).pixel_values
             except ValueError as error:
                 raise CLIError(f"{args.tokens!r} does not fit the model: {error}") from None
             images += processor.postprocess(pixel_values, "pil")
@@ -222,29 +222,31 @@ def cmd_decode(args: argparse.Namespace) -> None:
             width = len(str(len(images) - 1))
             for i, image in enumerate(images):
                 image.save(folder / f"{i:0{width}d}.png")
-    print(f"{out}: {len(images)} image(s) from {args.num_tokens or model.config.num_tokens} tokens each")
+    print(f"{out}: {len(images)} image(s) from {args.prefix_length or model.config.num_tokens} tokens each")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
     out = _check_output(args.output)
     image = _read_image(args.image)
     model, processor = _load(args.model, args.device)
-    data = model.compress(_pixel_values(processor, [image], model.device), num_tokens=args.num_tokens)[0]
+    data = model.compress(_pixel_values(processor, [image], model.device), prefix_length=args.prefix_length)[0]
     with _atomic_output(out) as temporary:
         temporary.write_bytes(data)
-    print(f"{out}: {len(data)} bytes ({model.config.bytes_per_image}-byte payload for all tokens + header)")
+    kept = decode_tokens(data).prefix_length
+    print(f"{out}: {len(data)} bytes ({len(data) - HEADER_NUM_BYTES}-byte payload for {kept} of "
+          f"{model.config.num_tokens} tokens + {HEADER_NUM_BYTES}-byte header)")  # fmt: skip
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
     out = _check_output(args.output, IMAGE_SUFFIXES)
-    data = _read_stream(args.file, args.num_tokens)
+    data = _read_stream(args.file, args.prefix_length)
     model, processor = _load(args.model, args.device)
     try:
         pixel_values = model.decompress([data])
     except CodecError as error:
         raise CLIError(f"{args.file!r}: {error}") from None
     _save_image(processor.postprocess(pixel_values, "pil")[0], out)
-    print(f"{out}: decoded from {decode_tokens(data).num_kept} of {model.config.num_tokens} tokens")
+    print(f"{out}: decoded from {decode_tokens(data).prefix_length} of {model.config.num_tokens} tokens")
 
 
 def _parse_lengths(text: str) -> list[int]:
@@ -350,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_model = argparse.ArgumentParser(add_help=False, parents=[common])
     with_model.add_argument("--model", required=True, help="saved model folder or hub repo id")
     prefix = argparse.ArgumentParser(add_help=False)
-    prefix.add_argument("--num-tokens", type=_positive, help="use only the first k tokens (progressive decoding)")
+    prefix.add_argument("--prefix-length", "--num-tokens", dest="prefix_length", type=_positive, metavar="K",
+                        help="use only the first K tokens (progressive decoding; --num-tokens is a deprecated alias)")
     visual = argparse.ArgumentParser(add_help=False)
     visual.add_argument("--scale", type=_positive, default=1, help="enlarge the output image this many times")
 

@@ -11,7 +11,7 @@ Layout (all integers big-endian, `HEADER_NUM_BYTES` = 20):
     | 3      | 1     | version      | uint8    | `FORMAT_VERSION` (= 2)                                   |
     | 4      | 2     | num_tokens   | uint16   | C, tokens per image of the model                         |
     | 6      | 4     | codebook_size| uint32   | K, codewords per codebook (2 <= K < 2**32)               |
-    | 10     | 2     | num_kept     | uint16   | k, tokens stored in the payload (1 <= k <= C)            |
+    | 10     | 2     | prefix_length| uint16   | k, tokens stored in the payload (1 <= k <= C)            |
     | 12     | 4     | fingerprint  | 4 bytes  | `fingerprint(codebook, offset)` of the model             |
     | 16     | 4     | checksum     | uint32   | CRC-32 (zlib) of bytes 0-15 followed by the payload      |
     | 20     | P     | payload      | bytes    | P = `payload_num_bytes(k, K)` = ceil(k * log2(K) / 8)    |
@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -73,18 +74,39 @@ class QGTokenStream:
     """A decoded token stream.
 
     Attributes:
-        token_ids: int64 `[num_kept]`, values in [0, codebook_size); read-only.
+        token_ids: int64 `[prefix_length]`, values in [0, codebook_size); read-only.
         num_tokens: C, tokens per image of the model that made the stream.
         codebook_size: K, codewords per codebook.
-        num_kept: k, how many leading tokens the stream holds (1 <= k <= C).
+        prefix_length: k, how many leading tokens the stream holds (1 <= k <= C).
         fingerprint: the 4-byte `fingerprint` of the model's codebooks.
     """
 
     token_ids: np.ndarray
     num_tokens: int
     codebook_size: int
-    num_kept: int
+    prefix_length: int
     fingerprint: bytes
+
+    @property
+    def num_kept(self) -> int:
+        """Deprecated name of `prefix_length`."""
+        warnings.warn("QGTokenStream.num_kept is deprecated, use prefix_length", FutureWarning, stacklevel=2)
+        return self.prefix_length
+
+
+def resolve_prefix_length(prefix_length: int | None, num_tokens: int | None) -> int | None:
+    """`prefix_length`, or the value of its deprecated alias `num_tokens=` (with a `FutureWarning`)."""
+    if num_tokens is None:
+        return prefix_length
+    if prefix_length is not None:
+        raise TypeError("got both prefix_length and its deprecated alias num_tokens; pass prefix_length only")
+    warnings.warn(
+        "num_tokens= as a prefix length is deprecated and will be removed in the next release: use prefix_length= "
+        "(num_tokens is the config's C, the model's token count)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return num_tokens
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -121,8 +143,8 @@ def fingerprint(*arrays: np.ndarray) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _radix_power(codebook_size: int, num_kept: int) -> int:
-    return codebook_size**num_kept
+def _radix_power(codebook_size: int, prefix_length: int) -> int:
+    return codebook_size**prefix_length
 
 
 def _bits_per_token(codebook_size: int) -> int | None:
@@ -147,12 +169,12 @@ def _pack_radix(token_ids: np.ndarray, codebook_size: int, num_bytes: int) -> by
     return value.to_bytes(num_bytes, "big")
 
 
-def _unpack_radix(payload: bytes, codebook_size: int, num_kept: int) -> np.ndarray:
+def _unpack_radix(payload: bytes, codebook_size: int, prefix_length: int) -> np.ndarray:
     value = int.from_bytes(payload, "big")
-    if value >= _radix_power(codebook_size, num_kept):
-        _raise_corrupt(value // _radix_power(codebook_size, num_kept - 1), codebook_size)
-    digits = [0] * num_kept
-    for i in range(num_kept - 1, -1, -1):
+    if value >= _radix_power(codebook_size, prefix_length):
+        _raise_corrupt(value // _radix_power(codebook_size, prefix_length - 1), codebook_size)
+    digits = [0] * prefix_length
+    for i in range(prefix_length - 1, -1, -1):
         value, digits[i] = divmod(value, codebook_size)
     return np.array(digits, dtype=np.int64)
 
@@ -166,13 +188,13 @@ def _pack_bits(token_ids: np.ndarray, bits: int, num_bytes: int) -> bytes:
     return np.packbits(padded).tobytes()
 
 
-def _unpack_bits(payload: bytes, bits: int, num_kept: int) -> np.ndarray:
+def _unpack_bits(payload: bytes, bits: int, prefix_length: int) -> np.ndarray:
     all_bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
-    pad = all_bits.size - num_kept * bits
+    pad = all_bits.size - prefix_length * bits
     if all_bits[:pad].any():  # the integer is >= K**k: token 0 would need more than `bits` bits
         _raise_corrupt(int("".join(map(str, all_bits[: pad + bits].tolist())), 2), 2**bits)
     weights = np.int64(1) << np.arange(bits - 1, -1, -1, dtype=np.int64)
-    return all_bits[pad:].reshape(num_kept, bits).astype(np.int64) @ weights
+    return all_bits[pad:].reshape(prefix_length, bits).astype(np.int64) @ weights
 
 
 def _raise_corrupt(first_digit: int, codebook_size: int) -> None:
@@ -189,11 +211,11 @@ def _pack(token_ids: np.ndarray, codebook_size: int) -> bytes:
     return _pack_bits(token_ids, bits, num_bytes)
 
 
-def _unpack(payload: bytes, codebook_size: int, num_kept: int) -> np.ndarray:
+def _unpack(payload: bytes, codebook_size: int, prefix_length: int) -> np.ndarray:
     bits = _bits_per_token(codebook_size)
     if bits is None:
-        return _unpack_radix(payload, codebook_size, num_kept)
-    return _unpack_bits(payload, bits, num_kept)
+        return _unpack_radix(payload, codebook_size, prefix_length)
+    return _unpack_bits(payload, bits, prefix_length)
 
 
 def checksum(data: bytes) -> int:
@@ -211,6 +233,8 @@ def encode_tokens(
     token_ids: Sequence[int] | np.ndarray,
     codebook_size: int,
     fingerprint: bytes,
+    prefix_length: int | None = None,
+    *,
     num_tokens: int | None = None,
 ) -> bytes:
     """Serialise one image's tokens.
@@ -219,7 +243,8 @@ def encode_tokens(
         token_ids: integer `[C]`, values in [0, codebook_size).
         codebook_size: K, 2 <= K < 2**32.
         fingerprint: 4 bytes from `fingerprint(codebook, offset)`.
-        num_tokens: k, keep only the first k tokens (1 <= k <= C); default all C.
+        prefix_length: k, keep only the first k tokens (1 <= k <= C); default all C. `num_tokens` is its
+            deprecated alias.
 
     Returns:
         `HEADER_NUM_BYTES + payload_num_bytes(k, K)` bytes.
@@ -238,7 +263,8 @@ def encode_tokens(
         raise CodecError(
             f"token_ids must be in [0, {codebook_size}), got {token_ids[position]} at position {position}"
         )
-    kept = total if num_tokens is None else _check_int("num_tokens", num_tokens, 1, total)
+    prefix_length = resolve_prefix_length(prefix_length, num_tokens)
+    kept = total if prefix_length is None else _check_int("prefix_length", prefix_length, 1, total)
     return _write(token_ids[:kept].astype(np.int64), total, codebook_size, fingerprint)
 
 
@@ -268,7 +294,7 @@ def decode_tokens(
     if size < 2:
         raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
     if kept == 0 or kept > total:
-        raise CodecError(f"invalid header: num_kept is {kept}, must be in [1, num_tokens={total}]")
+        raise CodecError(f"invalid header: prefix_length is {kept}, must be in [1, num_tokens={total}]")
     payload = data[HEADER_NUM_BYTES:]
     expected_bytes = payload_num_bytes(kept, size)
     if len(payload) < expected_bytes:
@@ -296,10 +322,12 @@ def decode_tokens(
     return QGTokenStream(token_ids, total, size, kept, stream_fingerprint)
 
 
-def truncate(data: bytes, num_tokens: int) -> bytes:
-    """Re-encode a stream keeping only its first `num_tokens` tokens (1 <= k <= the stream's num_kept)."""
+def truncate(data: bytes, prefix_length: int | None = None, *, num_tokens: int | None = None) -> bytes:
+    """Re-encode a stream keeping only its first `prefix_length` tokens (1 <= k <= the stream's prefix_length;
+    `num_tokens` is its deprecated alias)."""
     stream = decode_tokens(data)
-    kept = _check_int("num_tokens", num_tokens, 1, stream.num_kept)
+    prefix_length = resolve_prefix_length(prefix_length, num_tokens)
+    kept = _check_int("prefix_length", prefix_length, 1, stream.prefix_length)
     return _write(stream.token_ids[:kept], stream.num_tokens, stream.codebook_size, stream.fingerprint)
 
 
@@ -307,13 +335,16 @@ def encode_batch(
     token_ids: Sequence[Sequence[int]] | np.ndarray,
     codebook_size: int,
     fingerprint: bytes,
+    prefix_length: int | None = None,
+    *,
     num_tokens: int | None = None,
 ) -> list[bytes]:
     """`encode_tokens` on each row of an integer `[B, C]` array; one stream per image."""
+    prefix_length = resolve_prefix_length(prefix_length, num_tokens)
     token_ids = np.asarray(token_ids)
     if token_ids.ndim != 2:
         raise CodecError(f"token_ids must be 2-D [batch, num_tokens], got shape {tuple(token_ids.shape)}")
-    return [encode_tokens(row, codebook_size, fingerprint, num_tokens) for row in token_ids]
+    return [encode_tokens(row, codebook_size, fingerprint, prefix_length) for row in token_ids]
 
 
 def decode_batch(

@@ -6,7 +6,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from .tokenizer_utils import TokenBudgetConfigMixin, check_int_fields, check_non_negative_fields
+from .configuration_qgvae import TokenBudgetConfigMixin, check_int_fields, check_non_negative_fields
 
 PATCH_VQVAE_PRESETS: dict[str, dict] = {
     # 28x28 grey digits, 4x4 = 16 tokens x 9 bits = 18 bytes, as QG-VAE "mnist-cpu". 840,673 trainable parameters

@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import ClassVar
+
 from transformers import PretrainedConfig
 
-from .tokenizer_utils import TokenBudgetConfigMixin, check_int_fields, check_non_negative_fields
+
+def check_int_fields(config: object, names: Iterable[str], minimum: int = 1) -> None:
+    """Raise `TypeError` unless each named field of `config` is an int, `ValueError` unless it is >= `minimum`."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{type(config).__name__}.{name} must be an int, got {type(value).__name__} ({value!r})")
+        if value < minimum:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= {minimum}, got {value}")
+
+
+def check_non_negative_fields(config: object, names: Iterable[str]) -> None:
+    """Raise `ValueError` unless each named field of `config` is a number >= 0 (NaN fails)."""
+    for name in names:
+        if not float(getattr(config, name)) >= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= 0, got {getattr(config, name)}")
+
+
+class TokenBudgetConfigMixin:
+    """Bits and bytes per image and named presets, for a config with `num_tokens` (C) and `codebook_size` (K)."""
+
+    presets: ClassVar[dict[str, dict]] = {}
+
+    @property
+    def bits_per_image(self) -> float:
+        """C * log2(K)."""
+        return self.num_tokens * math.log2(self.codebook_size)
+
+    @property
+    def bytes_per_image(self) -> int:
+        """ceil(C * log2(K) / 8): the packed payload of one image."""
+        return math.ceil(self.bits_per_image / 8 - 1e-9)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        """A named configuration from `cls.presets`; keyword arguments override preset fields."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; available: {sorted(cls.presets)}")
+        return cls(**{**cls.presets[name], **overrides})
+
 
 QGVAE_PRESETS: dict[str, dict] = {
     # the reference demo notebook's CIFAR-10 model (6,228,750 trainable parameters there)

@@ -15,9 +15,8 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_patch_vqvae import PatchVQVAEConfig
-from .modeling_qgvae import QGVAEPreTrainedModel, group_norm
+from .modeling_qgvae import QGVAEModel, QGVAEPreTrainedModel, group_norm
 from .quantizer_qgvae import PerTokenQuantizer
-from .tokenizer_utils import ImageTokenizerMixin
 
 
 class PatchVQVAEResidualBlock(GradientCheckpointingLayer):
@@ -115,21 +114,22 @@ class PatchVQVAEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.global_offset)
 
 
-class PatchVQVAEModel(ImageTokenizerMixin, PatchVQVAEPreTrainedModel):
+class PatchVQVAEModel(PatchVQVAEPreTrainedModel, QGVAEModel):
     """Patch VQ-VAE with the public contract of [`QGVAEModel`]: an image in [0, 1] <-> C = h*w local token ids.
 
-    `encode`, `decode`, `forward`, the codebook upkeep and `compress`/`decompress` are the shared
-    [`ImageTokenizerMixin`]'s. The quantiser is a [`PerTokenQuantizer`] with a single codebook (`codebook [1, K, D]`,
+    `encode`, `decode`, `forward`, the codebook upkeep and `compress`/`decompress` are [`QGVAEModel`]'s (its
+    subclass, like a transformers modular model: the config class, weight init and the three modules are this file's).
+    The quantiser is a [`PerTokenQuantizer`] with a single codebook (`codebook [1, K, D]`,
     `reset_statistic` and `usage_counts` `[1, K]`): the grid is quantised as `B * h * w` one-token rows, so the losses,
     the fp32 nearest search and the Voronoi reset are the QG-VAE's own. Its global offset is then one D-vector added
     to every codeword; it starts at zero (a plain VQ-VAE) and is trained like any decoder bias.
     `config.per_token_codebooks` gives each grid cell its own codebook (`[C, K, D]`), quantised like QG-VAE's tokens.
-    `decode(ids, num_tokens=k)` keeps the first k tokens in raster order and feeds zero vectors for the rest, as
+    `decode(ids, prefix_length=k)` keeps the first k tokens in raster order and feeds zero vectors for the rest, as
     QG-VAE does with its suffix; `token_dropout_prob` (0 in the presets) would train for that.
     """
 
     def __init__(self, config: PatchVQVAEConfig):
-        super().__init__(config)
+        super(QGVAEModel, self).__init__(config)  # PreTrainedModel's init: QGVAEModel's would build QG-VAE modules
         self.encoder = PatchVQVAEEncoder(config)
         num_codebooks = config.num_tokens if config.per_token_codebooks else 1
         self.quantizer = PerTokenQuantizer(num_codebooks, config.codebook_size, config.codeword_dim)

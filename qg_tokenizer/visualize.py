@@ -37,7 +37,7 @@ def progressive_grid(model, pixel_values: torch.Tensor, lengths: list[int] | Non
     """Rows: input, then the reconstruction from the first k tokens for each k in `lengths` (default 1, 2, 4, ...)."""
     token_ids = model.encode(pixel_values).token_ids
     lengths = lengths or prefix_lengths(model.config.num_tokens)
-    rows = [pixel_values] + [model.decode(token_ids, num_tokens=k).pixel_values for k in lengths]
+    rows = [pixel_values] + [model.decode(token_ids, prefix_length=k).pixel_values for k in lengths]
     return image_grid(rows)
 
 

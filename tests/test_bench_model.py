@@ -134,7 +134,7 @@ def test_same_outputs_and_gradients_as_the_baseline(overrides, baseline_dir):
     with torch.no_grad():
         encoded = {side: m.encode(pixel_values) for side, m in models.items()}
         assert torch.equal(encoded["today"].token_ids, encoded["baseline"].token_ids)
-        decoded = {side: m.decode(encoded["today"].token_ids, num_tokens=3).pixel_values for side, m in models.items()}
+        decoded = {side: m.decode(encoded["today"].token_ids, 3).pixel_values for side, m in models.items()}
     torch.testing.assert_close(decoded["today"], decoded["baseline"], rtol=1e-5, atol=1e-5)
 
 

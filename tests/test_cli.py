@@ -108,7 +108,7 @@ def test_console_script_compresses_and_decompresses_a_prefix(workspace, model, p
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
         token_ids = model.encode(pixels(processor, workspace / "digit0.png")).token_ids
-        expected = processor.postprocess(model.decode(token_ids, num_tokens=4).pixel_values)[0]
+        expected = processor.postprocess(model.decode(token_ids, prefix_length=4).pixel_values)[0]
     np.testing.assert_array_equal(png_array(out / "prefix.png"), png_array(expected))
     assert sorted(os.listdir(out)) == ["digit.qgt", "prefix.png"]
 
@@ -145,13 +145,13 @@ def test_decode_writes_a_folder_or_one_image(cli, model, processor, out):
     assert cli("decode", "tokens.npy", "--model", "model", "-o", "images")[0] == 0
     with torch.no_grad():
         expected = processor.postprocess(model.decode(token_ids).pixel_values)
-        prefix = processor.postprocess(model.decode(token_ids[1:], num_tokens=2).pixel_values)[0]
+        prefix = processor.postprocess(model.decode(token_ids[1:], prefix_length=2).pixel_values)[0]
     assert sorted(os.listdir(out / "images")) == ["0.png", "1.png"]
     for name, image in zip(("0.png", "1.png"), expected):
         np.testing.assert_array_equal(png_array(out / "images" / name), png_array(image))
 
     (out / "one.jsonl").write_text(json.dumps({"token_ids": token_ids[1].tolist()}) + "\n")
-    assert cli("decode", "one.jsonl", "--model", "model", "-o", "one.png", "--num-tokens", "2")[0] == 0
+    assert cli("decode", "one.jsonl", "--model", "model", "-o", "one.png", "--prefix-length", "2")[0] == 0
     np.testing.assert_array_equal(png_array(out / "one.png"), png_array(prefix))
 
 
@@ -203,7 +203,7 @@ BAD_STREAMS = {
     "truncated": (lambda d: d[:-1], "truncated payload: 8 bytes, the header implies 9"),
     "header only": (lambda d: d[:HEADER_NUM_BYTES - 3], "too short to hold a header"),
     "corrupt payload": (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt stream: checksum"),
-    "corrupt header": (lambda d: header_with(d, kept=9), "num_kept is 9, must be in [1, num_tokens=8]"),
+    "corrupt header": (lambda d: header_with(d, kept=9), "prefix_length is 9, must be in [1, num_tokens=8]"),
     "wrong magic": (lambda d: b"PNG" + d[3:], "not a QG-VAE token stream: magic is b'PNG'"),
     "wrong version": (lambda d: header_with(d, version=1), "unsupported format version 1"),
 }

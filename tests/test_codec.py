@@ -39,9 +39,11 @@ def stream(num_tokens: int = 16, codebook_size: int = 300, seed: int = 0, **kwar
     return encode_tokens(random_ids(num_tokens, codebook_size, seed), codebook_size, FP, **kwargs)
 
 
-def crafted(payload: bytes, magic=MAGIC, version=FORMAT_VERSION, num_tokens=4, codebook_size=300, num_kept=4) -> bytes:
+def crafted(
+    payload: bytes, magic=MAGIC, version=FORMAT_VERSION, num_tokens=4, codebook_size=300, prefix_length=4
+) -> bytes:
     """A stream with these header fields and payload, and the checksum they imply (zlib CRC-32, computed here)."""
-    fields = struct.pack(">3sBHIH4s", magic, version, num_tokens, codebook_size, num_kept, FP)
+    fields = struct.pack(">3sBHIH4s", magic, version, num_tokens, codebook_size, prefix_length, FP)
     return fields + struct.pack(">I", zlib.crc32(fields + payload)) + payload
 
 
@@ -53,7 +55,7 @@ def test_round_trip_is_exact(num_tokens, codebook_size):
     decoded = decode_tokens(data, codebook_size=codebook_size, num_tokens=num_tokens, fingerprint=FP)
     assert decoded.token_ids.dtype == np.int64
     np.testing.assert_array_equal(decoded.token_ids, ids)
-    assert (decoded.num_tokens, decoded.codebook_size, decoded.num_kept, decoded.fingerprint) == (
+    assert (decoded.num_tokens, decoded.codebook_size, decoded.prefix_length, decoded.fingerprint) == (
         num_tokens,
         codebook_size,
         num_tokens,
@@ -87,7 +89,7 @@ def test_payload_num_bytes_known_values():
 
 def test_header_layout_matches_documented_table():
     ids = random_ids(16, 300)
-    data = encode_tokens(ids, 300, FP, num_tokens=10)
+    data = encode_tokens(ids, 300, FP, prefix_length=10)
     assert HEADER_NUM_BYTES == 20
     assert data[0:3] == b"QGT"
     assert data[3] == 2
@@ -130,11 +132,11 @@ def test_fast_and_general_paths_reject_the_same_corruption():
 
 
 @pytest.mark.parametrize("codebook_size", [300, 512])
-def test_num_tokens_keeps_a_prefix(codebook_size):
+def test_prefix_length_keeps_a_prefix(codebook_size):
     ids = random_ids(32, codebook_size)
-    decoded = decode_tokens(encode_tokens(ids, codebook_size, FP, num_tokens=5))
+    decoded = decode_tokens(encode_tokens(ids, codebook_size, FP, prefix_length=5))
     np.testing.assert_array_equal(decoded.token_ids, ids[:5])
-    assert (decoded.num_tokens, decoded.num_kept) == (32, 5)
+    assert (decoded.num_tokens, decoded.prefix_length) == (32, 5)
 
 
 @pytest.mark.parametrize("codebook_size", [2, 300, 512, 1000])
@@ -143,19 +145,19 @@ def test_truncate_decodes_to_the_first_k_ids(codebook_size):
     data = encode_tokens(ids, codebook_size, FP)
     for k in (1, 7, 33, 64):
         short = truncate(data, k)
-        assert short == encode_tokens(ids, codebook_size, FP, num_tokens=k)
+        assert short == encode_tokens(ids, codebook_size, FP, prefix_length=k)
         decoded = decode_tokens(short, codebook_size=codebook_size, num_tokens=64, fingerprint=FP)
         np.testing.assert_array_equal(decoded.token_ids, ids[:k])
-        assert decoded.num_kept == k
+        assert decoded.prefix_length == k
     np.testing.assert_array_equal(decode_tokens(truncate(truncate(data, 33), 7)).token_ids, ids[:7])
-    with pytest.raises(CodecError, match="num_tokens"):
+    with pytest.raises(CodecError, match="prefix_length"):
         truncate(truncate(data, 7), 8)
 
 
 def test_batch_helpers_round_trip_and_check_the_model():
     ids = np.random.default_rng(1).integers(0, 300, (5, 16))
-    streams = encode_batch(ids, 300, FP, num_tokens=12)
-    assert streams == [encode_tokens(row, 300, FP, num_tokens=12) for row in ids]
+    streams = encode_batch(ids, 300, FP, prefix_length=12)
+    assert streams == [encode_tokens(row, 300, FP, prefix_length=12) for row in ids]
     decoded = decode_batch(streams, codebook_size=300, num_tokens=16, fingerprint=FP)
     np.testing.assert_array_equal(np.stack([d.token_ids for d in decoded]), ids[:, :12])
     with pytest.raises(CodecError, match="another model"):
@@ -202,8 +204,8 @@ def test_encode_names_first_out_of_range_id():
         ({"token_ids": [[1, 2]]}, CodecError, "1-D"),
         ({"token_ids": [1.0, 2.0]}, TypeError, "integer dtype"),
         ({"token_ids": []}, CodecError, "len"),
-        ({"num_tokens": 0}, CodecError, "num_tokens"),
-        ({"num_tokens": 4}, CodecError, "num_tokens"),
+        ({"prefix_length": 0}, CodecError, "prefix_length"),
+        ({"prefix_length": 4}, CodecError, "prefix_length"),
         ({"fingerprint": b"short"}, CodecError, "fingerprint"),
         ({"fingerprint": "01234567"}, TypeError, "fingerprint"),
         ({"codebook_size": 1}, CodecError, "codebook_size"),
@@ -250,15 +252,15 @@ def test_decode_rejects_trailing_bytes():
         decode_tokens(stream() + b"\x00")
 
 
-@pytest.mark.parametrize(("num_tokens", "num_kept"), [(4, 5), (4, 0)])
-def test_decode_rejects_bad_num_kept(num_tokens, num_kept):
-    data = crafted(b"\x00" * payload_num_bytes(num_kept, 300), num_tokens=num_tokens, num_kept=num_kept)
-    with pytest.raises(CodecError, match="num_kept is"):
+@pytest.mark.parametrize(("num_tokens", "prefix_length"), [(4, 5), (4, 0)])
+def test_decode_rejects_bad_num_kept(num_tokens, prefix_length):
+    data = crafted(b"\x00" * payload_num_bytes(prefix_length, 300), num_tokens=num_tokens, prefix_length=prefix_length)
+    with pytest.raises(CodecError, match="prefix_length is"):
         decode_tokens(data)
 
 
 def test_decode_rejects_digit_out_of_range():
-    data = crafted(b"\xff\xff", num_tokens=1, num_kept=1)  # 65535 >= 300, with a valid checksum
+    data = crafted(b"\xff\xff", num_tokens=1, prefix_length=1)  # 65535 >= 300, with a valid checksum
     with pytest.raises(CodecError, match="corrupt payload: token 0 decodes to 65535"):
         decode_tokens(data)
 

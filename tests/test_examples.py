@@ -62,7 +62,7 @@ def test_compress_image(saved, monkeypatch, capsys, tmp_path):
     with torch.no_grad():
         token_ids = model.encode(pixel_values).token_ids
         for name, k in (("prefix-2.png", 2), ("reconstruction.png", 8)):
-            expected = processor.postprocess(model.decode(token_ids, num_tokens=k).pixel_values)[0]
+            expected = processor.postprocess(model.decode(token_ids, prefix_length=k).pixel_values)[0]
             np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / name)), np.asarray(expected))
 
 

@@ -82,12 +82,13 @@ def test_decode_prefix_equals_zeroing_tokens_after_offset(tiny_model):
         latents = tiny_model.quantizer.lookup(ids) + tiny_model.quantizer.global_offset
         latents[:, k:] = 0
         expected = tiny_model.decoder(latents)
-        torch.testing.assert_close(tiny_model.decode(ids, num_tokens=k).pixel_values, expected)
-    per_image = tiny_model.decode(ids, num_tokens=torch.tensor([1, 3, 8])).pixel_values
+        torch.testing.assert_close(tiny_model.decode(ids, prefix_length=k).pixel_values, expected)
+    per_image = tiny_model.decode(ids, prefix_length=torch.tensor([1, 3, 8])).pixel_values
     for row, k in enumerate((1, 3, 8)):
-        torch.testing.assert_close(per_image[row], tiny_model.decode(ids[row : row + 1], num_tokens=k).pixel_values[0])
+        expected = tiny_model.decode(ids[row : row + 1], prefix_length=k).pixel_values[0]
+        torch.testing.assert_close(per_image[row], expected)
     full = tiny_model.decode(ids).pixel_values
-    assert not torch.allclose(tiny_model.decode(ids, num_tokens=1).pixel_values, full)
+    assert not torch.allclose(tiny_model.decode(ids, prefix_length=1).pixel_values, full)
 
 
 def test_token_dropout_follows_probability():
@@ -141,9 +142,9 @@ def test_compress_decompress_round_trip(tiny_model):
     streams = tiny_model.compress(x)
     assert all(len(s) == 20 + tiny_model.bytes_per_image for s in streams)
     torch.testing.assert_close(tiny_model.decompress(streams), tiny_model(x).reconstruction)
-    prefix = tiny_model.compress(x, num_tokens=3)
+    prefix = tiny_model.compress(x, prefix_length=3)
     ids = tiny_model.encode(x).token_ids
-    torch.testing.assert_close(tiny_model.decompress(prefix), tiny_model.decode(ids, num_tokens=3).pixel_values)
+    torch.testing.assert_close(tiny_model.decompress(prefix), tiny_model.decode(ids, prefix_length=3).pixel_values)
 
 
 @pytest.mark.parametrize(
@@ -172,9 +173,9 @@ def test_bad_pixel_values(tiny_model, x, error, match):
         (torch.zeros(2, 7, dtype=torch.long), {}, ValueError, r"shape \[batch, 8\]"),
         (torch.zeros(8, dtype=torch.long), {}, ValueError, "shape"),
         (torch.zeros(2, 8), {}, TypeError, "integer tensor"),
-        (torch.zeros(2, 8, dtype=torch.long), {"num_tokens": 9}, ValueError, r"num_tokens must be in \[1, 8\]"),
-        (torch.zeros(2, 8, dtype=torch.long), {"num_tokens": 0}, ValueError, "num_tokens"),
-        (torch.zeros(2, 8, dtype=torch.long), {"num_tokens": torch.tensor([1, 2, 3])}, ValueError, "num_tokens"),
+        (torch.zeros(2, 8, dtype=torch.long), {"prefix_length": 9}, ValueError, r"prefix_length must be in \[1, 8\]"),
+        (torch.zeros(2, 8, dtype=torch.long), {"prefix_length": 0}, ValueError, "prefix_length"),
+        (torch.zeros(2, 8, dtype=torch.long), {"prefix_length": torch.tensor([1, 2, 3])}, ValueError, "prefix_length"),
     ],
 )
 def test_bad_token_ids(tiny_model, ids, kwargs, error, match):

@@ -161,9 +161,9 @@ def test_prefix_decode_equals_zeroing_later_tokens(mnist_model):
     latents = mnist_model.quantizer.codebook[0][token_ids] + mnist_model.quantizer.global_offset
     for k in (1, 5, 16):
         expected = mnist_model.decoder(torch.cat((latents[:, :k], torch.zeros_like(latents[:, k:])), 1))
-        torch.testing.assert_close(mnist_model.decode(token_ids, num_tokens=k).pixel_values, expected)
-    per_image = mnist_model.decode(token_ids, num_tokens=torch.tensor([1, 5, 16])).pixel_values
-    torch.testing.assert_close(per_image[1], mnist_model.decode(token_ids[1:2], num_tokens=5).pixel_values[0])
+        torch.testing.assert_close(mnist_model.decode(token_ids, prefix_length=k).pixel_values, expected)
+    per_image = mnist_model.decode(token_ids, prefix_length=torch.tensor([1, 5, 16])).pixel_values
+    torch.testing.assert_close(per_image[1], mnist_model.decode(token_ids[1:2], prefix_length=5).pixel_values[0])
     assert not torch.allclose(per_image[0], mnist_model.decode(token_ids[:1]).pixel_values[0])
 
 
@@ -173,9 +173,9 @@ def test_compress_decompress_round_trip(mnist_model):
     assert [len(s) for s in streams] == [HEADER_NUM_BYTES + 18] * 3
     token_ids = mnist_model.encode(x).token_ids
     torch.testing.assert_close(mnist_model.decompress(streams), mnist_model.decode(token_ids).pixel_values)
-    prefix = mnist_model.compress(x, num_tokens=4)
+    prefix = mnist_model.compress(x, prefix_length=4)
     torch.testing.assert_close(
-        mnist_model.decompress(prefix), mnist_model.decode(token_ids, num_tokens=4).pixel_values
+        mnist_model.decompress(prefix), mnist_model.decode(token_ids, prefix_length=4).pixel_values
     )
 
 
@@ -257,8 +257,8 @@ def test_bad_pixel_values(mnist_model, x, error, match):
         (torch.zeros(2, 15, dtype=torch.long), {}, ValueError, r"shape \[batch, 16\]"),
         (torch.full((2, 16), 512), {}, ValueError, r"in \[0, 512\)"),
         (torch.zeros(2, 16), {}, TypeError, "integer tensor"),
-        (torch.zeros(2, 16, dtype=torch.long), dict(num_tokens=0), ValueError, r"num_tokens must be in \[1, 16\]"),
-        (torch.zeros(2, 16, dtype=torch.long), dict(num_tokens=17), ValueError, "num_tokens"),
+        (torch.zeros(2, 16, dtype=torch.long), dict(prefix_length=0), ValueError, r"must be in \[1, 16\]"),
+        (torch.zeros(2, 16, dtype=torch.long), dict(prefix_length=17), ValueError, "prefix_length"),
     ],
 )
 def test_bad_token_ids(mnist_model, ids, kwargs, error, match):

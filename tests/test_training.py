@@ -18,7 +18,6 @@ from transformers import AutoModel
 
 from qg_tokenizer import QGVAEConfig, QGVAEModel
 from qg_tokenizer.data import MNIST_PATH, load_image_dataset
-from qg_tokenizer.demo import plot_training_curves, write_figures
 from qg_tokenizer.modeling_qggan import (
     QGGANDiscriminator,
     adaptive_gan_weight,
@@ -34,6 +33,7 @@ sys.path.insert(0, str(TRAINING))
 
 import train  # noqa: E402
 from common import ConfigError, DataConfig, build_model_config, eval_prefix_lengths, load_config  # noqa: E402
+from demo import plot_training_curves, write_figures  # noqa: E402
 
 MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in {**TINY, "reset_interval": 3, "token_dropout_prob": 0.5}.items()]
 
@@ -181,7 +181,7 @@ def test_scripts_end_a_config_error_with_one_line(tmp_path, script, argv, messag
 
 
 def test_run_training_reports_a_failed_run(tmp_path):
-    from qg_tokenizer.demo import run_training
+    from demo import run_training
 
     log = tmp_path / "run.log"
     with pytest.raises(RuntimeError, match=rf"training into .*out failed \(exit 1\); see {re.escape(str(log))}"):

@@ -514,7 +514,7 @@ def evaluate(
             save_eval_grid(model, pixel_values[:num_grid_images], grid_path, accelerator)
         with accelerator.autocast():
             token_ids = model.encode(pixel_values).token_ids
-            decoded = [model.decode(token_ids, num_tokens=k).pixel_values for k in lengths]  # the last one is full
+            decoded = [model.decode(token_ids, prefix_length=k).pixel_values for k in lengths]  # the last one is full
         scores = [ssim(decoded[-1], pixel_values)] + [psnr(image, pixel_values) for image in decoded]
         rows.append(accelerator.gather_for_metrics(torch.stack(scores, 1)))  # (B, 1 + len(lengths))
     scores = torch.cat(rows)

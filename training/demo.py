@@ -1,9 +1,10 @@
 """The main job: train the `mnist-demo` QG-VAE on the packaged MNIST digits on a CPU in under ten minutes.
 
-    python -m qg_tokenizer.demo [--output_dir outputs/demo] [key=value ...]
+    python training/demo.py [--output_dir outputs/demo] [key=value ...]   # or: make demo
 
-It runs the training script itself, `training/train.py --config training/configs/mnist-demo.yaml` (a source checkout
-is needed), which stops at the config's wall-clock budget (`max_train_time`), then writes to the output folder:
+It runs the training script beside it, `training/train.py --config training/configs/mnist-demo.yaml` (part of the
+source checkout, like this file), which stops at the config's wall-clock budget (`max_train_time`), then writes to
+the output folder:
 `reconstructions.png` (test digits over their reconstructions), `progressive.png` (decoding from the first
 1, 2, 4, 8, 16 tokens), `codebook_usage.png` (codeword usage and test PSNR over training), plus the trained model
 (`save_pretrained`), its model card and `results.json`. It prints the final test PSNR, SSIM and bytes per image.
@@ -22,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from .data import EMBEDDED_MNIST, load_image_dataset
-from .visualize import image_grid, progressive_grid
+from qg_tokenizer.data import EMBEDDED_MNIST, load_image_dataset
+from qg_tokenizer.visualize import image_grid, progressive_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -45,7 +46,7 @@ def run_training(
     several runs can share the cores side by side; `log_file` takes its output instead of the terminal.
     """
     if not script.is_file():
-        raise FileNotFoundError(f"the demo runs {script}, which is part of the source checkout, not the package")
+        raise FileNotFoundError(f"{script} is missing: the training scripts are part of the source checkout")
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if num_threads is not None:
         env["OMP_NUM_THREADS"] = str(num_threads)
