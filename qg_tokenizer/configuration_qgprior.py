@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 VOCAB_LAYOUTS = ("offset", "shared")
+# the fields that fix the sequence layout, and the Llama fields derived from them
+LAYOUT_FIELDS = ("num_image_tokens", "codebook_size", "num_classes", "vocab_layout")
+DERIVED_FIELDS = ("vocab_size", "max_position_embeddings", "bos_token_id")
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """Names of unnamed classes: "0", "1", ..."""
+    return [str(y) for y in range(num_classes)]
 
 
 @strict
@@ -25,14 +35,21 @@ class QGPriorConfig(LlamaConfig):
     separate embeddings and heads per codebook); its vocabulary grows as C * K (8,203 ids for MNIST's 16 x 512, but
     131k for 256 x 512), which "shared" avoids. `benchmarks/prior.py` measures held-out bits per image of both.
 
-    `vocab_size`, `max_position_embeddings` (C + 1) and `bos_token_id` (the null token) are derived; a saved or
-    explicit value that disagrees raises. Every other field is a [`LlamaConfig`] field (the defaults are a ~4M
-    parameter model sized for MNIST tokens on a CPU).
+    `vocab_size`, `max_position_embeddings` (C + 1) and `bos_token_id` (the null token) are derived from the layout
+    fields (`num_image_tokens`, `codebook_size`, `num_classes`, `vocab_layout`) and follow them when one is set later
+    (`config.num_image_tokens = 8`, `from_pretrained(path, num_image_tokens=8)`), so what `save_pretrained` writes
+    loads back; a value given for a derived field that disagrees raises. Every other field is a [`LlamaConfig`] field
+    (the defaults are a ~4M parameter model sized for MNIST tokens on a CPU). The standard fields (`num_labels`,
+    `id2label`, `label2id`, unknown keyword arguments kept as attributes) work as in any transformers config: the
+    prior names its classes in `class_names`.
 
     Args:
         num_image_tokens: C, image tokens per sequence (the tokenizer's `num_tokens`).
         codebook_size: K, codes per image token.
         num_classes: class tokens; 0 for an unconditional prior.
+        class_names: the name of each class, class y at index y (`num_classes` entries). None: the names of an
+            `id2label` that maps exactly the ids 0..num_classes-1 (configs saved before `class_names` existed named
+            their classes there), else "0", "1", ...
         vocab_layout: `"offset"` or `"shared"` (see above).
         class_dropout_prob: probability that a training sequence's class token is replaced by the null token, which
             trains the unconditional branch used by classifier-free guidance. 0 means the prior was never trained
@@ -44,6 +61,7 @@ class QGPriorConfig(LlamaConfig):
     num_image_tokens: int = 16
     codebook_size: int = 512
     num_classes: int = 10
+    class_names: list[str] | None = None
     vocab_layout: str = "offset"
     class_dropout_prob: float | int = 0.1
     vocab_size: int | None = None
@@ -57,25 +75,42 @@ class QGPriorConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         self.validate_prior()
-        derived = {
+        for name, value in self.derived_fields().items():
+            if getattr(self, name) not in (None, value):
+                raise ValueError(self._derived_error(name, getattr(self, name)))
+            setattr(self, name, value)
+        if self.class_names is None:
+            names = {int(y): name for y, name in (self.id2label or {}).items()}
+            legacy = self.num_classes > 0 and sorted(names) == list(range(self.num_classes))
+            self.class_names = [names[y] for y in sorted(names)] if legacy else default_class_names(self.num_classes)
+        super().__post_init__(**kwargs)
+        self.validate_class_names()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        initialised = self.__dict__.get("_post_init_done", False)
+        if initialised and name in DERIVED_FIELDS and value != self.derived_fields()[name]:
+            raise ValueError(self._derived_error(name, value))
+        unnamed = initialised and name == "num_classes" and self.class_names == default_class_names(self.num_classes)
+        super().__setattr__(name, value)
+        if initialised and name in LAYOUT_FIELDS:
+            # the derived fields (and the names of unnamed classes) follow, so that the saved config loads back
+            self.__dict__.update(self.derived_fields())
+            if unnamed:
+                self.__dict__["class_names"] = default_class_names(value)
+
+    def derived_fields(self) -> dict[str, int]:
+        """The values of `vocab_size`, `max_position_embeddings` and `bos_token_id` that the layout fields give."""
+        return {
             "vocab_size": self.image_vocab_size + self.num_classes + 1,
             "max_position_embeddings": self.num_image_tokens + 1,
             "bos_token_id": self.null_token_id,
         }
-        for name, value in derived.items():
-            if getattr(self, name) not in (None, value):
-                raise ValueError(
-                    f"QGPriorConfig.{name} is derived from num_image_tokens, codebook_size, num_classes and "
-                    f"vocab_layout: expected {value}, got {getattr(self, name)}"
-                )
-            setattr(self, name, value)
-        if self.id2label is None and self.num_classes:
-            self.id2label = {y: str(y) for y in range(self.num_classes)}
-        super().__post_init__(**kwargs)
-        if self.num_classes and len(self.id2label) != self.num_classes:
-            raise ValueError(
-                f"QGPriorConfig.id2label must name the {self.num_classes} classes, got {len(self.id2label)} entries"
-            )
+
+    def _derived_error(self, name: str, value: Any) -> str:
+        return (
+            f"QGPriorConfig.{name} is derived from num_image_tokens, codebook_size, num_classes and vocab_layout: "
+            f"expected {self.derived_fields()[name]}, got {value}"
+        )
 
     def validate_prior(self) -> None:
         """Raise `TypeError`/`ValueError` naming the field of an invalid value."""
@@ -90,6 +125,16 @@ class QGPriorConfig(LlamaConfig):
             raise ValueError(f"QGPriorConfig.vocab_layout must be one of {VOCAB_LAYOUTS}, got {self.vocab_layout!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"QGPriorConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    def validate_class_names(self) -> None:
+        """Raise `TypeError`/`ValueError` unless `class_names` is a list of `num_classes` strings."""
+        names = self.class_names
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"QGPriorConfig.class_names must be a list of str, got {names!r}")
+        if len(names) != self.num_classes:
+            raise ValueError(
+                f"QGPriorConfig.class_names must name the {self.num_classes} classes, got {len(names)} names"
+            )
 
     @property
     def image_vocab_size(self) -> int:

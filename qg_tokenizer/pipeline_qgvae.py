@@ -13,12 +13,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+from .codec import resolve_prefix_length
 from .image_processing_qgvae import QGVAEImageProcessor
 from .modeling_patch_vqvae import PatchVQVAEModel
 from .modeling_qgprior import QGPriorForCausalLM
 from .modeling_qgvae import QGVAEModel
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def _is_number(value: object) -> bool:
+    """Whether `value` is an int or a float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class QGVAEPipeline(DiffusionPipeline):
@@ -31,7 +37,7 @@ class QGVAEPipeline(DiffusionPipeline):
 
     Args:
         vqvae: the tokenizer whose tokens the prior was trained on (same `num_tokens` C and `codebook_size` K): a
-            [`QGVAEModel`], or the patch VQ-VAE baseline, which has the same `decode(token_ids, num_tokens)`.
+            [`QGVAEModel`], or the patch VQ-VAE baseline, which has the same `decode(token_ids, prefix_length)`.
         prior: the autoregressive prior over those tokens.
     """
 
@@ -52,8 +58,8 @@ class QGVAEPipeline(DiffusionPipeline):
 
     @property
     def id2label(self) -> dict[int, str]:
-        """Class id -> name, from the prior's config (empty for an unconditional prior)."""
-        return dict(self.prior.config.id2label) if self.prior.config.num_classes else {}
+        """Class id -> name, from the prior's `class_names` (empty for an unconditional prior)."""
+        return dict(enumerate(self.prior.config.class_names))
 
     @property
     def labels(self) -> dict[str, int]:
@@ -77,10 +83,11 @@ class QGVAEPipeline(DiffusionPipeline):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        num_tokens: int | None = None,
-        generator: torch.Generator | None = None,
+        prefix_length: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
+        num_tokens: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Sample images.
 
@@ -91,15 +98,19 @@ class QGVAEPipeline(DiffusionPipeline):
                 `class_labels` is None.
             guidance_scale: classifier-free guidance scale s; 1 disables it. s > 1 needs class labels and a prior
                 trained with class dropout.
-            temperature: softmax temperature of the prior's sampling.
-            top_k: sample among the k most likely codes only (None: all K).
-            top_p: nucleus sampling mass (None: 1).
-            num_tokens: sample and decode only the first k of the C tokens (coarse images); None: all C.
-            generator: makes the samples reproducible (a seed is drawn from it; successive calls differ).
+            temperature: softmax temperature of the prior's sampling, > 0.
+            top_k: sample among the k most likely codes only, k >= 1 (None: all K).
+            top_p: nucleus sampling mass, in (0, 1] (None: 1).
+            prefix_length: sample and decode only the first k of the C tokens (coarse images); None: all C.
+            generator: makes the samples reproducible (a seed is drawn from it; successive calls differ); a list of
+                one generator per image (`len(class_labels) * num_images_per_label` of them, or
+                `num_images_per_label` when `class_labels` is None) makes image i depend on generator i only.
             output_type: `"pil"` (list of PIL images), `"np"` (float32 `[B, H, W, ch]` in [0, 1]) or `"pt"` (float
                 `[B, ch, H, W]` in [0, 1]).
             return_dict: return an [`ImagePipelineOutput`] rather than a tuple `(images,)`.
+            num_tokens: deprecated name of `prefix_length`.
         """
+        prefix_length = resolve_prefix_length(prefix_length, num_tokens)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         count = num_images_per_label
@@ -109,8 +120,12 @@ class QGVAEPipeline(DiffusionPipeline):
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs class_labels; use guidance_scale=1 to sample unconditionally"
             )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be one torch.Generator or None, got {type(generator).__name__}")
+        if not (_is_number(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 (or None for all codes), got {top_k!r}")
+        if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1] (or None for 1), got {top_p!r}")
 
         labels = None
         if class_labels is not None:
@@ -120,13 +135,13 @@ class QGVAEPipeline(DiffusionPipeline):
         token_ids = self.prior.generate_image_tokens(
             labels,
             batch_size=num_images_per_label if labels is None else None,
-            num_tokens=num_tokens,
+            prefix_length=prefix_length,
             generator=generator,
             **{name: value for name, value in sampling.items() if value is not None},
         )  # (B, k)
         kept = token_ids.shape[1]
         token_ids = F.pad(token_ids, (0, self.vqvae.config.num_tokens - kept))  # (B, C): tokens >= k are masked out
-        pixel_values = self.vqvae.decode(token_ids.to(self.vqvae.device), num_tokens=kept).pixel_values
+        pixel_values = self.vqvae.decode(token_ids.to(self.vqvae.device), prefix_length=kept).pixel_values
         images = self.image_processor.postprocess(pixel_values, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -54,15 +54,15 @@ def test_config_derives_vocabulary_and_special_ids(layout, image_vocab):
     assert config.null_token_id == config.bos_token_id == image_vocab + NUM_CLASSES
     assert config.max_position_embeddings == C + 1
     assert config.eos_token_id is None
-    assert config.id2label == {0: "0", 1: "1", 2: "2"}
+    assert config.class_names == ["0", "1", "2"]
 
 
 def test_config_round_trip_and_auto_classes(tmp_path):
-    config = QGPriorConfig(**TINY, vocab_layout="shared", id2label={0: "cat", 1: "dog", 2: "bird"})
+    config = QGPriorConfig(**TINY, vocab_layout="shared", class_names=["cat", "dog", "bird"])
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is QGPriorConfig
-    assert (loaded.vocab_size, loaded.vocab_layout, loaded.id2label[1]) == (K + 4, "shared", "dog")
+    assert (loaded.vocab_size, loaded.vocab_layout, loaded.class_names[1]) == (K + 4, "shared", "dog")
     model = AutoModelForCausalLM.from_config(loaded)
     assert type(model) is QGPriorForCausalLM and isinstance(model, LlamaForCausalLM) and model.can_generate()
 
@@ -76,7 +76,8 @@ def test_config_round_trip_and_auto_classes(tmp_path):
         ({"class_dropout_prob": 1.0}, ValueError, "class_dropout_prob"),
         ({"codebook_size": 1}, ValueError, "codebook_size"),
         ({"num_image_tokens": 4.0}, TypeError, "num_image_tokens must be an int"),
-        ({"id2label": {0: "a"}}, ValueError, "id2label must name the 3 classes"),
+        ({"class_names": ["a"]}, ValueError, "class_names must name the 3 classes, got 1 names"),
+        ({"class_names": "abc"}, TypeError, "class_names must be a list of str"),
     ],
 )
 def test_config_rejects_bad_values(overrides, error, match):
@@ -212,7 +213,7 @@ def test_codebook_processor_masks_and_rejects_steps_beyond_c():
     config = QGPriorConfig(**TINY)
     processor = QGPriorCodebookLogitsProcessor(config)
     scores = torch.randn(2, config.vocab_size)
-    scores[:, : K] += 100  # codebook 0 is what an unmasked model prefers, but this is step 2
+    scores[:, :K] += 100  # codebook 0 is what an unmasked model prefers, but this is step 2
     processed = processor(torch.zeros(2, 3, dtype=torch.long), scores)
     assert torch.equal(processed[:, 2 * K : 3 * K], scores[:, 2 * K : 3 * K])
     assert torch.isinf(processed).sum() == 2 * (config.vocab_size - K)
@@ -238,7 +239,7 @@ def test_generate_image_tokens_is_seeded_and_prefix_consistent(layout):
     generator = torch.Generator().manual_seed(3)
     assert not torch.equal(*(model.generate_image_tokens(labels, generator=generator) for _ in range(2)))
     prefix = model.generate_image_tokens(
-        labels, num_tokens=2, generator=torch.Generator().manual_seed(3), temperature=1.5
+        labels, prefix_length=2, generator=torch.Generator().manual_seed(3), temperature=1.5
     )
     assert torch.equal(prefix, first[:, :2])
 
@@ -289,7 +290,7 @@ def test_guidance_without_a_trained_null_token_raises(overrides, match):
         model.generate(model.conditioning_ids([0] if model.config.num_classes else None), guidance_scale=2.0)
 
 
-def test_generate_rejects_bad_prompts_and_num_tokens():
+def test_generate_rejects_bad_prompts_and_prefix_lengths():
     model = tiny_prior()
     with pytest.raises(ValueError, match=r"inputs\[:, 0\] must be conditioning tokens"):
         model.generate(torch.tensor([[0, K]]))
@@ -298,8 +299,8 @@ def test_generate_rejects_bad_prompts_and_num_tokens():
     with pytest.raises(ValueError, match=r"holds the null token, but this prior was trained without it"):
         tiny_prior(class_dropout_prob=0.0).generate(torch.tensor([[C * K + NUM_CLASSES]]))
     for bad in (0, C + 1):
-        with pytest.raises(ValueError, match=r"num_tokens must be in \[1, 4\]"):
-            model.generate_image_tokens([0], num_tokens=bad)
+        with pytest.raises(ValueError, match=r"prefix_length must be in \[1, 4\]"):
+            model.generate_image_tokens([0], prefix_length=bad)
 
 
 def test_training_learns_class_conditional_sequences_and_round_trips(tmp_path):
@@ -361,7 +362,7 @@ def test_train_prior_script_on_tokens_and_on_the_fly(tmp_path, monkeypatch):
     assert results["eval"]["num_images"] == 20 and results["eval"]["bits_per_image"] < 3
     assert results["eval"]["bits_per_image_null"] > results["eval"]["bits_per_image"]  # the class token helps
     assert [h["step"] for h in results["history"]] == [10, 20, 30]
-    assert prior.config.id2label == {0: "a", 1: "b", 2: "c"} and prior.config.num_image_tokens == C
+    assert prior.config.class_names == ["a", "b", "c"] and prior.config.num_image_tokens == C
     loaded = QGPriorForCausalLM.from_pretrained(out)
     assert torch.equal(loaded.generate_image_tokens([1], generator=torch.Generator().manual_seed(0), top_k=1)[0],
                        torch.as_tensor(token_ids[labels == 1][0]))  # fmt: skip

@@ -61,7 +61,7 @@ class PriorTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # images (with `tokenizer`) and the split names
     token_column: str = TOKEN_IDS_COLUMN
     label_column: str | None = "label"  # null: an unconditional prior
-    # QGPriorConfig fields; num_image_tokens, num_classes and id2label come from the data, codebook_size from the
+    # QGPriorConfig fields; num_image_tokens, num_classes and class_names come from the data, codebook_size from the
     # tokenizer (set it here when training from `tokens` alone)
     model: dict = field(default_factory=lambda: {"vocab_layout": "offset", "class_dropout_prob": 0.1})
     # optimisation
@@ -140,7 +140,7 @@ def build_prior_config(cfg: PriorTrainConfig, train_data: Dataset, vqvae) -> QGP
         feature = train_data.features[cfg.label_column]
         names = feature.names if isinstance(feature, ClassLabel) else None
         num_classes = len(names) if names else int(max(train_data[cfg.label_column])) + 1
-        derived |= {"num_classes": num_classes, "id2label": dict(enumerate(names or map(str, range(num_classes))))}
+        derived |= {"num_classes": num_classes, "class_names": list(names or map(str, range(num_classes)))}
     for key, value in derived.items():
         if key in section and section[key] != value:
             raise ConfigError(f"model.{key} is {section[key]!r} but the data/tokenizer give {value!r}: drop the key")
