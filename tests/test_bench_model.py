@@ -181,3 +181,18 @@ def test_bench_writes_its_rows(tmp_path):
         for side in bench_model.SIDES:
             flops = row[f"{side}_gflops_per_image"] * 1e9 * row["batch_size"]
             assert row[f"{side}_fraction_of_matmul_peak"] == pytest.approx(flops / row[f"{side}_s"] / peak)
+
+
+def test_a_model_saved_by_the_baseline_code_loads_today(baseline_dir, tmp_path):
+    """Checkpoints of the code before `tokenizer_utils.py` was folded into the modeling file load unchanged."""
+    torch.manual_seed(1)
+    baseline = bench_model.load_baseline(baseline_dir)
+    old = baseline.QGVAEModel(baseline.QGVAEConfig(**tiny_config(token_dropout_prob=0.0).to_dict())).eval()
+    old.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is QGVAEModel
+    pixel_values = torch.rand(3, old.config.num_channels, old.config.image_size, old.config.image_size)
+    with torch.no_grad():
+        ids = old.encode(pixel_values).token_ids
+        assert torch.equal(loaded.encode(pixel_values).token_ids, ids)
+        torch.testing.assert_close(loaded.decode(ids, 2).pixel_values, old.decode(ids, 2).pixel_values)
