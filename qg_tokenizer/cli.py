@@ -73,9 +73,12 @@ def _read_tokens(path: str) -> np.ndarray:
                 tokens = np.array([json.loads(line)["token_ids"] for line in f if line.strip()])
     except FileNotFoundError:
         raise CLIError(f"{path!r}: no such file") from None
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        raise CLIError(f"{path!r} is not a valid token file ({type(error).__name__}: {error})") from None
+    except (ValueError, KeyError, TypeError, OSError, EOFError) as error:
+        reason = f"{type(error).__name__}: {error or 'empty file'}"
+        raise CLIError(f"{path!r} is not a valid token file ({reason})") from None
     tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.size == 0:
+        raise CLIError(f"{path!r} holds no token ids (shape {tokens.shape})")
     if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
         raise CLIError(f"{path!r}: expected integer token ids [images, tokens], got {tokens.dtype} {tokens.shape}")
     return tokens
@@ -110,14 +113,21 @@ def _load(args: argparse.Namespace, device: str | None = None):
     `trust_remote_code` is False unless `--trust-remote-code` is given, so that transformers refuses a repo's own
     code at once instead of asking "run the custom code? [y/N]" on the terminal.
     """
+    from safetensors import SafetensorError
+
     try:
-        return load_tokenizer(args.model, device=_device(device), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
+        model, processor = load_tokenizer(args.model, device=_device(device), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         message = " ".join(str(error).split())
         if "trust_remote_code" in message:
             raise CLIError(f"--model {args.model!r}: not a model type of qg_tokenizer, and the code its repo ships "
                            "runs only with --trust-remote-code (read that code first)") from None  # fmt: skip
-        raise CLIError(f"--model {args.model!r}: cannot load the model ({message})") from None
+        raise CLIError(f"--model {args.model!r}: cannot load the model ({type(error).__name__}: {message})") from None
+    corrupt = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if corrupt:
+        raise CLIError(f"--model {args.model!r}: the weights hold NaN or Inf ({', '.join(corrupt[:3])}"
+                       f"{', ...' if len(corrupt) > 3 else ''}): the file is corrupt")  # fmt: skip
+    return model, processor
 
 
 def _pixel_values(processor, images: list[PIL.Image.Image], device: torch.device) -> torch.Tensor:

@@ -397,3 +397,38 @@ def test_cli_and_tokenize_dataset_read_an_exif_rotated_jpeg_alike(cli, out, mode
     dataset = Dataset.from_dict({"image": [str(out / "rotated.jpg")]}).cast_column("image", Image())
     expected = tokenize_dataset(dataset, model, processor, batch_size=1)["token_ids"]
     np.testing.assert_array_equal(np.load(out / "tokens.npy"), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "is not a valid token file (EOFError"), (np.zeros((0, 8), np.int64), "holds no token ids (shape (0, 8))")],
+)
+def test_empty_token_files_are_clear_errors(cli, out, content, message):
+    if isinstance(content, bytes):
+        (out / "t.npy").write_bytes(content)
+    else:
+        np.save(out / "t.npy", content)
+    status, _, err = cli("decode", str(out / "t.npy"), "--model", "model", "-o", str(out / "images"))
+    assert status == 1 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncate"])
+def test_corrupt_weights_are_refused_before_any_output(cli, workspace, out, tmp_path, damage):
+    """NaN weights would give NaN images with exit 0, a truncated file a raw SafetensorError."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(workspace / "model", broken)
+    weights = broken / "model.safetensors"
+    if damage == "nan":
+        tensors = load_file(weights)
+        tensors["decoder.residual.weight"][0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    status, _, err = cli("compress", str(workspace / "digit0.png"), "--model", str(broken), "-o", str(out / "x.qgt"))
+    assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    expected = "decoder.residual.weight): the file is corrupt" if damage == "nan" else "cannot load the model"
+    assert expected in err and not (out / "x.qgt").exists()
