@@ -1,5 +1,5 @@
-"""Build photo_set.npz, the colour benchmark set: 31 real photographs from packages, split by photo into train and test
-(a copy of the workspace's `../shared/data/make_photo_set.py`; 28 photos are kept, see its README).
+"""Build photo_set.npz, the colour benchmark set: 28 real photographs from packages, split by photo into train and test
+(a copy of the workspace's `../shared/data/make_photo_set.py`).
 
     apt-get download opencv-doc && dpkg -x opencv-doc_*.deb opencv-doc    # Debian package, OpenCV sample data
     pip install numpy pillow scikit-image scikit-learn
