@@ -26,7 +26,7 @@ from qg_tokenizer_cli import CLIError, main  # noqa: F401 (main: `qg_tokenizer.c
 from .codec import HEADER_NUM_BYTES, CodecError, decode_tokens, truncate
 from .image_io import ImageLoadError, load_image
 from .tokenize import encode_images, load_tokenizer, token_dtype
-from .visualize import influence_grid, prefix_lengths, progressive_grid
+from .visualize import influence_grid, prefix_lengths, progressive_grid, save_grid
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -51,8 +51,8 @@ def _atomic_output(path: Path, directory: bool = False) -> Iterator[Path]:
 
 
 def _save_image(image: PIL.Image.Image, path: Path) -> None:
-    with _atomic_output(path) as temporary:
-        image.save(temporary, format=PIL.Image.registered_extensions()[path.suffix.lower()])
+    with _atomic_output(path) as temporary:  # a grid's labels go into PNG text chunks
+        save_grid(image, temporary, format=PIL.Image.registered_extensions()[path.suffix.lower()])
 
 
 def _read_image(path: str) -> PIL.Image.Image:
@@ -209,10 +209,6 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     print(f"{out}: decoded from {decode_tokens(data).prefix_length} of {model.config.num_tokens} tokens")
 
 
-def _upscale(image: PIL.Image.Image, scale: int) -> PIL.Image.Image:
-    return image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
-
-
 def cmd_progressive(args: argparse.Namespace) -> None:
     out = Path(args.output)
     image = _read_image(args.image)
@@ -220,9 +216,10 @@ def cmd_progressive(args: argparse.Namespace) -> None:
     lengths = args.lengths or prefix_lengths(model.config.num_tokens)
     if not all(1 <= k <= model.config.num_tokens for k in lengths):
         raise CLIError(f"--lengths {args.lengths}: token counts must be in [1, {model.config.num_tokens}]")
-    grid = progressive_grid(model, _pixel_values(processor, [image], model.device), lengths)
-    _save_image(_upscale(grid, args.scale), out)
-    print(f"{out}: input, then prefixes of {', '.join(map(str, lengths))} tokens (top to bottom)")
+    grid = progressive_grid(model, _pixel_values(processor, [image], model.device), lengths, scale=args.scale)
+    _save_image(grid, out)  # with its row labels as PNG text chunks
+    rows = "; ".join(json.loads(grid.info["row_labels"]))
+    print(f"{out}: {grid.width}x{grid.height} px, labelled rows top to bottom: {rows}")
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
@@ -230,11 +227,11 @@ def cmd_influence(args: argparse.Namespace) -> None:
     image = _read_image(args.image)
     model, processor = _load(args, args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    grid = influence_grid(
-        model, _pixel_values(processor, [image], model.device), args.samples, generator, batch_size=args.batch_size
-    )
-    _save_image(_upscale(grid, args.scale), out)
-    print(f"{out}: input, all tokens, then tokens 0..{model.config.num_tokens - 1} one panel each")
+    pixel_values = _pixel_values(processor, [image], model.device)
+    grid = influence_grid(model, pixel_values, args.samples, generator, batch_size=args.batch_size, scale=args.scale)
+    _save_image(grid, out)  # with its panel captions as PNG text chunks
+    print(f"{out}: {grid.width}x{grid.height} px, captioned panels: input, all tokens, "
+          f"then tokens 0..{model.config.num_tokens - 1} one panel each")  # fmt: skip
 
 
 def model_info(model) -> dict:

@@ -19,7 +19,7 @@ import qg_tokenizer_cli
 from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
 from qg_tokenizer.codec import HEADER_NUM_BYTES, checksum
 from qg_tokenizer.data import load_embedded_mnist
-from qg_tokenizer.visualize import prefix_lengths
+from qg_tokenizer.visualize import READABLE_WIDTH, prefix_label, prefix_lengths
 from tests.conftest import tiny_config
 from tests.hub_utils import lay_out_hf_cache
 
@@ -159,15 +159,27 @@ def test_decode_writes_a_folder_or_one_image(cli, model, processor, out):
 
 
 def test_progressive_and_influence_grids(cli, model, out):
-    assert cli("progressive", "digit1.png", "--model", "model", "-o", "grid.png", "--scale", "2")[0] == 0
-    rows = 1 + len(prefix_lengths(model.config.num_tokens))  # input, then k = 1, 2, 4, 8
-    assert PIL.Image.open(out / "grid.png").size == (2 * 18, 2 * (rows * 17 + 1))
+    """Labelled, readable grids whose labels and layout are PNG text chunks (tests/test_visualize.py: the layout)."""
+    status, text, _ = cli("progressive", "digit1.png", "--model", "model", "-o", "grid.png")
+    labels = ["input"] + [prefix_label(k, 8, 300) for k in prefix_lengths(model.config.num_tokens)]  # k = 1, 2, 4, 8
+    grid = PIL.Image.open(out / "grid.png")
+    assert status == 0 and json.loads(grid.text["row_labels"]) == labels and grid.width >= READABLE_WIDTH
+    assert f"grid.png: {grid.width}x{grid.height} px, labelled rows top to bottom: {'; '.join(labels)}" in text
+    layout = json.loads(grid.text["layout"])
+    assert layout["rows"] == 5 and layout["columns"] == 1 and layout["cell_size"] == [16 * layout["scale"]] * 2
+    assert cli("progressive", "digit1.png", "--model", "model", "-o", "grid2.png", "--scale", "2")[0] == 0
+    assert json.loads(PIL.Image.open(out / "grid2.png").text["layout"])["scale"] == 2 * layout["scale"]
 
     assert cli("influence", "digit1.png", "--model", "model", "-o", "map.png")[0] == 0
     grid = PIL.Image.open(out / "map.png")
-    assert grid.mode == "RGB" and grid.size == (4 * 17 + 1, 3 * 17 + 1)  # 2 + C = 10 panels, 4 per row
+    captions = json.loads(grid.text["cell_labels"])  # 2 + C = 10 panels, 4 per row
+    assert captions == [["input", "all tokens", "token 0", "token 1"], [f"token {c}" for c in range(2, 6)],
+                        ["token 6", "token 7", "", ""]]  # fmt: skip
+    layout = json.loads(grid.text["layout"])
+    assert grid.mode == "RGB" and grid.width >= READABLE_WIDTH and (layout["rows"], layout["columns"]) == (3, 4)
+    (x, y), (dx, _), (w, h) = layout["origin"], layout["step"], layout["cell_size"]
     panels = np.asarray(grid)
-    assert panels[18:34, 1:17].max() > 0  # the all-tokens panel is not black: every token changes some pixel
+    assert panels[y : y + h, x + dx : x + dx + w].max() > 0  # the all-tokens panel is not black: every token counts
 
 
 def test_info_reports_budget_parameters_and_usage(cli, workspace, model, tmp_path):

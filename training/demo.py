@@ -24,7 +24,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from qg_tokenizer.data import EMBEDDED_MNIST, load_image_dataset
-from qg_tokenizer.visualize import image_grid, progressive_grid
+from qg_tokenizer.visualize import READABLE_WIDTH, image_grid, progressive_grid, save_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -92,15 +92,18 @@ def plot_training_curves(results: dict, path: str | Path) -> None:
 
 @torch.no_grad()
 def write_figures(output_dir: str | Path, num_images: int = 16) -> None:
-    """Reconstruction and progressive-decoding grids of the first test digits, from the saved model folder."""
+    """Reconstruction and progressive-decoding grids of the first test digits, from the saved model folder, with
+    labelled rows and at least `READABLE_WIDTH` px wide."""
     output_dir = Path(output_dir)
     model = AutoModel.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     images = list(load_image_dataset(EMBEDDED_MNIST, "test").select(range(num_images))["image"])
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     reconstruction = model.decode(model.encode(pixel_values).token_ids).pixel_values
-    image_grid([pixel_values, reconstruction]).save(output_dir / "reconstructions.png")
-    progressive_grid(model, pixel_values[: num_images // 2]).save(output_dir / "progressive.png")
+    labels = ["input", f"reconstruction ({model.config.bytes_per_image} bytes)"]
+    grid = image_grid([pixel_values, reconstruction], row_labels=labels, min_width=READABLE_WIDTH)
+    save_grid(grid, output_dir / "reconstructions.png")  # labelled rows, the labels also as PNG text chunks
+    save_grid(progressive_grid(model, pixel_values[: num_images // 2]), output_dir / "progressive.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
