@@ -51,10 +51,21 @@ def load_tokenizer(
     `kwargs` go to `AutoModel.from_pretrained`.
 
     Raises:
-        ValueError: the saved processor does not make the images the model takes (`image_size`, `num_channels`).
+        ValueError: the checkpoint lacks weights of the model, holds some with other shapes or holds unknown ones
+            (transformers would load such a model with random weights and a warning), or the saved processor does
+            not make the images the model takes (`image_size`, `num_channels`).
         OSError: the model cannot be loaded, or `preprocessor_config.json` is not valid JSON (naming the file).
     """
-    model = AutoModel.from_pretrained(name_or_path, **kwargs).eval()
+    kwargs = {"ignore_mismatched_sizes": True} | kwargs  # report mismatched shapes below, by name
+    model, report = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    # transformers initialises missing weights at random with a warning: a tokenizer with random weights gives
+    # plausible-looking but wrong tokens, so any weight the checkpoint lacks, or holds with another shape, is an error
+    wrong = {kind: report.get(kind) for kind in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+    if any(wrong.values()):
+        found = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:4])}"
+                          f"{' ...' if len(keys) > 4 else ''}" for kind, keys in wrong.items() if keys)  # fmt: skip
+        raise ValueError(f"the weights of {str(name_or_path)!r} do not match its config ({found})")
+    model.eval()
     if device is not None:
         model.to(device)
     hub_kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token")}

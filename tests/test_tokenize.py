@@ -220,3 +220,29 @@ def test_training_script_tokenises_every_split(model, tmp_path):
         assert tokens[split]["label"] == mnist[split]["label"][:21]  # two shards of 11 and 10 rows, joined in order
         expected = reference_tokens(model, mnist[split].select(range(21))["image"])[0]
         assert torch.equal(torch.tensor(tokens[split]["token_ids"]), expected)
+
+
+@pytest.mark.parametrize("damage", ["missing", "mismatched", "unexpected"])
+def test_load_tokenizer_refuses_weights_that_do_not_match_the_config(tmp_path, damage):
+    """transformers would fill missing weights at random (a warning only): tokens would be wrong, silently."""
+    from safetensors.torch import load_file, save_file
+
+    from qg_tokenizer import QGVAEImageProcessor, QGVAEModel, load_tokenizer
+
+    from .conftest import tiny_config
+
+    model = QGVAEModel(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    QGVAEImageProcessor.from_model_config(model.config).save_pretrained(tmp_path)
+    loaded, _ = load_tokenizer(tmp_path)  # the intact folder loads
+    torch.testing.assert_close(loaded.quantizer.codebook, model.quantizer.codebook)
+    weights = load_file(tmp_path / "model.safetensors")
+    if damage == "missing":
+        del weights["decoder.residual.weight"]
+    elif damage == "mismatched":
+        weights["decoder.residual.weight"] = torch.zeros(3, 3, 1, 1)
+    else:
+        weights["decoder.extra.weight"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError), match=r"decoder\.(residual|extra)\.weight"):
+        load_tokenizer(tmp_path)
