@@ -452,10 +452,13 @@ def checkpoint_manifest(path: Path) -> dict:
 
 def _file_digest(path: Path, sync: bool = False) -> dict:
     """Size and SHA-256 of a file; `sync`: flush it to the disk first (a renamed checkpoint must survive a crash)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         if sync:
             os.fsync(file.fileno())
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(file, "sha256").hexdigest()}
+        while block := file.read(2**20):  # (hashlib.file_digest needs Python 3.11)
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def check_same_run(checkpoint: Path, config: dict, may_change: Collection[str]) -> None:
@@ -466,9 +469,9 @@ def check_same_run(checkpoint: Path, config: dict, may_change: Collection[str]) 
         raise RunError(f"checkpoint {checkpoint} does not record its training config, so it cannot be checked")
     old, new = _flatten(saved), _flatten(config)
     changed = [
-        f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        f"{key}: {repr(old[key]) if key in old else 'unset'} -> {repr(new[key]) if key in new else 'unset'}"
         for key in sorted(old.keys() | new.keys())
-        if key not in may_change and old.get(key) != new.get(key)
+        if key not in may_change and (key in old, old.get(key)) != (key in new, new.get(key))
     ]
     if changed:
         raise RunError(
@@ -553,14 +556,16 @@ def load_checkpoint(
         )
     if "trainer_state" not in manifest:
         raise RunError(f"checkpoint {path} does not record its trainer state in {CHECKPOINT_MANIFEST}")
+    # weights_only for the optimizer and scheduler whatever accelerate's default; the random states and the fp16
+    # scaler get its default (True), and torch >= 2.6 defaults to it too
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except Exception as err:  # torch, safetensors and accelerate each raise their own errors
         raise RunError(f"cannot restore checkpoint {path}: {type(err).__name__}: {err}") from err
     # accelerate only logs a random-state file it cannot load: check that this process's states were restored
     random_states = path / f"random_states_{accelerator.process_index}.pkl"
     try:
-        restored = torch.equal(load(random_states)["torch_manual_seed"], torch.get_rng_state())
+        restored = torch.equal(load(random_states, weights_only=True)["torch_manual_seed"], torch.get_rng_state())
     except Exception as err:
         raise RunError(
             f"cannot restore the random states of checkpoint {path} from {random_states.name}: {err}"
