@@ -417,6 +417,9 @@ def resolve_checkpoint(run_dir: str | Path, resume: str | None) -> Path | None:
     return verify_checkpoint(path)
 
 
+_WAY_OUT = "delete (or move away) that checkpoint, and --resume latest takes the one before it"
+
+
 def verify_checkpoint(path: Path) -> Path:
     """`path`, after checking that its manifest lists every file it was written with, each whole and unchanged
     (sizes and SHA-256); a [`RunError`] names what is missing or damaged."""
@@ -424,13 +427,12 @@ def verify_checkpoint(path: Path) -> Path:
     for name, written in manifest["files"].items():
         file = path / name
         if not file.is_file():
-            raise RunError(f"checkpoint {path} is damaged: {name} is missing; resume from an earlier checkpoint")
+            raise RunError(f"checkpoint {path} is damaged: {name} is missing; {_WAY_OUT}")
         found = _file_digest(file)
         if found != written:
             raise RunError(
                 f"checkpoint {path} is damaged: {name} has {found['bytes']} bytes and SHA-256 {found['sha256'][:12]}, "
-                f"it was written with {written['bytes']} bytes and {written['sha256'][:12]}; resume from an earlier "
-                "checkpoint"
+                f"it was written with {written['bytes']} bytes and {written['sha256'][:12]}; {_WAY_OUT}"
             )
     return path
 
