@@ -375,6 +375,17 @@ def locked_run_folder(folder: str | Path, accelerator: Accelerator) -> Iterator[
         lock.release()
 
 
+def refuse_old_layout(output_dir: str | Path) -> None:
+    """Refuse an output folder that holds checkpoints in the layout of older versions (`output_dir/checkpoints/`,
+    the trainer state pickled by `register_for_checkpointing`), which are never resumed: a [`RunError`] names it."""
+    if list_checkpoints(output_dir):
+        raise RunError(
+            f"{Path(output_dir) / 'checkpoints'} holds checkpoints in the layout of an older version, which this one "
+            f"does not resume (they keep the trainer state as a pickle): move or delete that folder (checkpoints now "
+            f"go to {run_folder(output_dir) / 'checkpoints'})"
+        )
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """`run_dir/checkpoints/checkpoint-<step>` folders, oldest first (not the `.tmp` folders of unfinished writes)."""
     found = [p for p in (Path(run_dir) / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if _step_of(p) is not None]

@@ -32,7 +32,6 @@ from common import (  # noqa: E402
     ConfigError,
     DataConfig,
     ImageCollator,
-    RunError,
     TrainerState,
     TrainingClock,
     build_eval_dataloader,
@@ -45,13 +44,13 @@ from common import (  # noqa: E402
     endless_batches,
     evaluate,
     init_codebooks_from_data,
-    list_checkpoints,
     load_checkpoint,
     load_config,
     load_splits,
     locked_run_folder,
     parse_script_args,
     push_output_dir,
+    refuse_old_layout,
     resolve_checkpoint,
     respect_umask,
     run_folder,
@@ -252,12 +251,7 @@ def train(
     # the whole photos a random-crop stream draws from (loaded once; also checks the validation hold-out fits)
     crop_photos = training_photos(cfg.data)[0] if cfg.data.random_crops else None
     perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
-    if list_checkpoints(output_dir):
-        raise RunError(
-            f"{output_dir / 'checkpoints'} holds checkpoints in the layout of an older version, which this one does "
-            f"not resume (they keep the trainer state as a pickle): move or delete that folder (checkpoints now go "
-            f"to {run_dir / 'checkpoints'})"
-        )
+    refuse_old_layout(output_dir)
     resume_from = resolve_checkpoint(run_dir, resume)
     if resume_from is not None:
         check_same_run(resume_from, config_to_dict(cfg), resumable_changes(cfg))
