@@ -609,6 +609,44 @@ def trim_log(path: str | Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
+def reusable_run(output_dir: str | Path, record: str | Path, config: Any) -> dict | None:
+    """For scripts that rerun trainings (the benchmarks): the `results.json` of the run in `output_dir` if it finished
+    with `config`; else None, once `output_dir` is ready for the run of `config` with `--resume latest`.
+
+    `record` is a YAML file of the config (any YAML value) the run in `output_dir` was started with; `config` is
+    written there. A run of `config` that did not finish is kept, to go on from its newest checkpoint. A run of
+    another config, of one not recorded, or one that left checkpoints in the layout of older versions (which cannot be
+    resumed) has its output folder and run folder (see [`run_folder`]) deleted, with a printed note; a [`RunError`]
+    if that run still holds the run folder's lock.
+    """
+    output_dir, record, run_dir = Path(output_dir), Path(record), run_folder(output_dir)
+    same = record.is_file() and yaml.safe_load(record.read_text()) == config
+    if same and (output_dir / "results.json").is_file():
+        return json.loads((output_dir / "results.json").read_text())
+    if not same:
+        why = f"a run of {'another config than' if record.is_file() else 'a config not recorded in'} {record}"
+    elif list_checkpoints(output_dir):
+        why = "checkpoints in the layout of an older version, which cannot be resumed"
+    else:
+        why = None
+    if why is not None and (output_dir.exists() or run_dir.exists()):
+        if (run_dir / LOCK_FILE).is_file():
+            lock = FileLock(run_dir / LOCK_FILE)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise RunError(
+                    f"{output_dir} holds {why}, and that run is still going (it holds {lock.lock_file})"
+                ) from None
+            lock.release()
+        print(f"note: deleting {output_dir} and {run_dir}: they hold {why}", flush=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(config))
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------- data
 class ImageCollator:
     """Examples -> `pixel_values [B, ch, S, S]` in [0, 1] through the model's image processor."""
