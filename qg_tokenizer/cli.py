@@ -1,15 +1,8 @@
-"""`qg-tokenizer`: a QG-VAE from the shell. Images <-> token ids, images <-> compressed `.qgt` files, visualisations.
+"""The commands of the `qg-tokenizer` console script (see `qg_tokenizer_cli` for the usage).
 
-    qg-tokenizer encode IMAGES... --model DIR_OR_REPO -o tokens.npy|tokens.jsonl
-    qg-tokenizer decode tokens.npy --model M -o OUT_DIR|image.png [--prefix-length k]
-    qg-tokenizer compress IMAGE --model M -o FILE.qgt [--prefix-length k]
-    qg-tokenizer decompress FILE.qgt --model M -o IMAGE.png [--prefix-length k]
-    qg-tokenizer progressive IMAGE --model M -o grid.png       # reconstructions from k = 1, 2, 4, ... tokens
-    qg-tokenizer influence IMAGE --model M -o map.png          # pixels each token changes, coloured per token
-    qg-tokenizer info MODEL [--json]
-
-Every failure exits non-zero with one line on stderr (`--debug` shows the traceback) and leaves no output behind:
-outputs are written to a temporary name beside the target and renamed when complete.
+The console script's front, `qg_tokenizer_cli`, parses the arguments and checks every path before this module (and
+with it torch and transformers) is imported; the commands here read the inputs' contents, still before the model is
+loaded, then load it and write the output.
 """
 
 from __future__ import annotations
@@ -19,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,103 +19,66 @@ import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from qg_tokenizer_cli import CLIError, main  # noqa: F401 (main: `qg_tokenizer.cli.main` is the entry point too)
 
 from .codec import HEADER_NUM_BYTES, CodecError, decode_tokens, truncate
+from .image_io import ImageLoadError, load_image
 from .tokenize import encode_images, load_tokenizer, token_dtype
-from .visualize import influence_grid, prefix_lengths, progressive_grid
-
-PROG = "qg-tokenizer"
-TOKEN_SUFFIXES = (".npy", ".jsonl")
-IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.SAVE))
-
-
-class CLIError(Exception):
-    """A user error, printed as one line (exit status 1)."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr (exit status 2), like every other error of the tool."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from .visualize import influence_grid, prefix_lengths, progressive_grid, save_grid
 
 
 # ------------------------------------------------------------------------------------------------------ files
-def _check_output(path: str, suffixes: tuple[str, ...] | None = None, directory_ok: bool = False) -> Path:
-    """Validate `-o` before any work: known suffix, existing parent folder, not an existing folder."""
-    out = Path(path)
-    if suffixes is not None and out.suffix.lower() not in suffixes and not directory_ok:
-        raise CLIError(f"-o {path!r}: expected a file ending in {', '.join(suffixes)}")
-    if not out.parent.is_dir():
-        raise CLIError(f"-o {path!r}: the folder {str(out.parent)!r} does not exist")
-    if out.is_dir() and not directory_ok:
-        raise CLIError(f"-o {path!r} is a folder, expected a file")
-    return out
-
-
 @contextlib.contextmanager
 def _atomic_output(path: Path, directory: bool = False) -> Iterator[Path]:
-    """A temporary file (or folder) beside `path`, renamed onto it on success and removed on any failure."""
+    """A temporary file (or folder) beside `path`, renamed onto it on success and removed on any failure.
+
+    A failure to write (a full disk, a format Pillow cannot write the image in, ...) is a `CLIError` naming `-o`.
+    """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial{'' if directory else path.suffix}")
-    if directory:
-        temporary.mkdir()
     try:
+        if directory:
+            temporary.mkdir()
         yield temporary
         os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True) if directory else temporary.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(temporary, ignore_errors=True) if directory else temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CLIError(f"-o {str(path)!r}: cannot write ({error.strerror or error})") from None
         raise
 
 
 def _save_image(image: PIL.Image.Image, path: Path) -> None:
-    with _atomic_output(path) as temporary:
-        image.save(temporary, format=PIL.Image.registered_extensions()[path.suffix.lower()])
+    with _atomic_output(path) as temporary:  # a grid's labels go into PNG text chunks
+        save_grid(image, temporary, format=PIL.Image.registered_extensions()[path.suffix.lower()])
 
 
 def _read_image(path: str) -> PIL.Image.Image:
+    """The image at `path`, decoded as `tokenize_dataset` decodes it (`image_io.load_image`)."""
     try:
-        image = PIL.Image.open(path)
-        image.load()
-    except FileNotFoundError:
-        raise CLIError(f"{path!r}: no such file") from None
-    except IsADirectoryError:
-        raise CLIError(f"{path!r} is a folder, expected an image file") from None
-    except (PIL.UnidentifiedImageError, OSError, ValueError) as error:
-        raise CLIError(f"{path!r} is not a readable image ({error})") from None
-    return image
-
-
-def _image_paths(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files, sorted by name."""
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            extensions = PIL.Image.registered_extensions()
-            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in extensions and p.is_file())
-            if not found:
-                raise CLIError(f"{item!r}: the folder holds no image files")
-            paths.extend(found)
-        else:
-            paths.append(item)
-    return paths
+        return load_image(path)
+    except ImageLoadError as error:
+        raise CLIError(str(error)) from None
 
 
 def _read_tokens(path: str) -> np.ndarray:
     """`[N, C]` integer token ids from a `.npy` (`[N, C]` or `[C]`) or `.jsonl` (one `{"token_ids": [...]}` a line)."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in TOKEN_SUFFIXES:
-        raise CLIError(f"{path!r}: expected a .npy or .jsonl token file")
     try:
-        if suffix == ".npy":
+        if Path(path).suffix.lower() == ".npy":
             tokens = np.load(path, allow_pickle=False)
         else:
             with open(path) as f:
                 tokens = np.array([json.loads(line)["token_ids"] for line in f if line.strip()])
     except FileNotFoundError:
         raise CLIError(f"{path!r}: no such file") from None
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        raise CLIError(f"{path!r} is not a valid token file ({type(error).__name__}: {error})") from None
+    except (ValueError, KeyError, TypeError, OSError, EOFError) as error:
+        reason = f"{type(error).__name__}: {error or 'empty file'}"
+        raise CLIError(f"{path!r} is not a valid token file ({reason})") from None
     tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.size == 0:
+        raise CLIError(f"{path!r} holds no token ids (shape {tokens.shape})")
     if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
         raise CLIError(f"{path!r}: expected integer token ids [images, tokens], got {tokens.dtype} {tokens.shape}")
     return tokens
@@ -152,18 +107,27 @@ def _device(name: str | None) -> torch.device:
         raise CLIError(f"--device {name!r}: {error}") from None
 
 
-def _load(name_or_path: str, device: str | None):
-    """Model and processor from a local folder or a hub repo id (the local cache serves it offline)."""
-    name_or_path = os.path.expanduser(name_or_path)
-    local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1
-    if local and not os.path.isdir(name_or_path):
-        raise CLIError(f"--model {name_or_path!r}: no such model folder")
-    if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise CLIError(f"--model {name_or_path!r}: the folder has no config.json (not a saved model)")
+def _load(args: argparse.Namespace, device: str | None = None):
+    """Model and processor of `--model`, a folder with a config.json or a hub repo id (the front checked which).
+
+    `trust_remote_code` is False unless `--trust-remote-code` is given, so that transformers refuses a repo's own
+    code at once instead of asking "run the custom code? [y/N]" on the terminal.
+    """
+    from safetensors import SafetensorError
+
     try:
-        return load_tokenizer(name_or_path, device=_device(device))
-    except (OSError, ValueError, KeyError) as error:
-        raise CLIError(f"--model {name_or_path!r}: cannot load the model ({' '.join(str(error).split())})") from None
+        model, processor = load_tokenizer(args.model, device=_device(device), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        message = " ".join(str(error).split())
+        if "trust_remote_code" in message:
+            raise CLIError(f"--model {args.model!r}: not a model type of qg_tokenizer, and the code its repo ships "
+                           "runs only with --trust-remote-code (read that code first)") from None  # fmt: skip
+        raise CLIError(f"--model {args.model!r}: cannot load the model ({type(error).__name__}: {message})") from None
+    corrupt = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if corrupt:
+        raise CLIError(f"--model {args.model!r}: the weights hold NaN or Inf ({', '.join(corrupt[:3])}"
+                       f"{', ...' if len(corrupt) > 3 else ''}): the file is corrupt")  # fmt: skip
+    return model, processor
 
 
 def _pixel_values(processor, images: list[PIL.Image.Image], device: torch.device) -> torch.Tensor:
@@ -177,9 +141,8 @@ def _progress(total: int, batch_size: int, desc: str):
 
 # --------------------------------------------------------------------------------------------------- commands
 def cmd_encode(args: argparse.Namespace) -> None:
-    out = _check_output(args.output, TOKEN_SUFFIXES)
-    paths = _image_paths(args.images)
-    model, processor = _load(args.model, args.device)
+    out, paths = Path(args.output), args.images
+    model, processor = _load(args, args.device)
     rows = []
     with _progress(len(paths), args.batch_size, "encode") as bar:
         for start in range(0, len(paths), args.batch_size):
@@ -198,14 +161,11 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_decode(args: argparse.Namespace) -> None:
-    single = Path(args.output).suffix.lower() in IMAGE_SUFFIXES
-    out = _check_output(args.output, IMAGE_SUFFIXES, directory_ok=not single)
-    if not single and out.exists() and any(out.iterdir()):
-        raise CLIError(f"-o {args.output!r}: the folder exists and is not empty")
+    out, single = Path(args.output), args.single_image
     tokens = _read_tokens(args.tokens)
     if single and len(tokens) != 1:
         raise CLIError(f"-o {args.output!r} is one image but {args.tokens!r} holds {len(tokens)}: give a folder")
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args, args.device)
     images = []  # all decoded before anything is written
     with _progress(len(tokens), args.batch_size, "decode") as bar, torch.inference_mode():
         for chunk in torch.from_numpy(tokens.astype(np.int64)).to(model.device).split(args.batch_size):
@@ -226,9 +186,9 @@ def cmd_decode(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    out = _check_output(args.output)
+    out = Path(args.output)
     image = _read_image(args.image)
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args, args.device)
     data = model.compress(_pixel_values(processor, [image], model.device), prefix_length=args.prefix_length)[0]
     with _atomic_output(out) as temporary:
         temporary.write_bytes(data)
@@ -238,9 +198,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
-    out = _check_output(args.output, IMAGE_SUFFIXES)
+    out = Path(args.output)
     data = _read_stream(args.file, args.prefix_length)
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args, args.device)
     try:
         pixel_values = model.decompress([data])
     except CodecError as error:
@@ -249,39 +209,29 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     print(f"{out}: decoded from {decode_tokens(data).prefix_length} of {model.config.num_tokens} tokens")
 
 
-def _parse_lengths(text: str) -> list[int]:
-    try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 1,2,4, got {text!r}") from None
-
-
-def _upscale(image: PIL.Image.Image, scale: int) -> PIL.Image.Image:
-    return image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
-
-
 def cmd_progressive(args: argparse.Namespace) -> None:
-    out = _check_output(args.output, IMAGE_SUFFIXES)
+    out = Path(args.output)
     image = _read_image(args.image)
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args, args.device)
     lengths = args.lengths or prefix_lengths(model.config.num_tokens)
     if not all(1 <= k <= model.config.num_tokens for k in lengths):
         raise CLIError(f"--lengths {args.lengths}: token counts must be in [1, {model.config.num_tokens}]")
-    grid = progressive_grid(model, _pixel_values(processor, [image], model.device), lengths)
-    _save_image(_upscale(grid, args.scale), out)
-    print(f"{out}: input, then prefixes of {', '.join(map(str, lengths))} tokens (top to bottom)")
+    grid = progressive_grid(model, _pixel_values(processor, [image], model.device), lengths, scale=args.scale)
+    _save_image(grid, out)  # with its row labels as PNG text chunks
+    rows = "; ".join(json.loads(grid.info["row_labels"]))
+    print(f"{out}: {grid.width}x{grid.height} px, labelled rows top to bottom: {rows}")
 
 
 def cmd_influence(args: argparse.Namespace) -> None:
-    out = _check_output(args.output, IMAGE_SUFFIXES)
+    out = Path(args.output)
     image = _read_image(args.image)
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args, args.device)
     generator = torch.Generator().manual_seed(args.seed)
-    grid = influence_grid(
-        model, _pixel_values(processor, [image], model.device), args.samples, generator, batch_size=args.batch_size
-    )
-    _save_image(_upscale(grid, args.scale), out)
-    print(f"{out}: input, all tokens, then tokens 0..{model.config.num_tokens - 1} one panel each")
+    pixel_values = _pixel_values(processor, [image], model.device)
+    grid = influence_grid(model, pixel_values, args.samples, generator, batch_size=args.batch_size, scale=args.scale)
+    _save_image(grid, out)  # with its panel captions as PNG text chunks
+    print(f"{out}: {grid.width}x{grid.height} px, captioned panels: input, all tokens, "
+          f"then tokens 0..{model.config.num_tokens - 1} one panel each")  # fmt: skip
 
 
 def model_info(model) -> dict:
@@ -312,7 +262,7 @@ def model_info(model) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    model, _ = _load(args.model, "cpu")
+    model, _ = _load(args, "cpu")
     info = model_info(model)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -333,89 +283,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------------------ parser
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+COMMANDS = {
+    "encode": cmd_encode, "decode": cmd_decode, "compress": cmd_compress, "decompress": cmd_decompress,
+    "progressive": cmd_progressive, "influence": cmd_influence, "info": cmd_info,
+}  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    common.add_argument("--batch-size", type=_positive, default=64, help="images per model call (default 64)")
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    with_model = argparse.ArgumentParser(add_help=False, parents=[common])
-    with_model.add_argument("--model", required=True, help="saved model folder or hub repo id")
-    prefix = argparse.ArgumentParser(add_help=False)
-    prefix.add_argument("--prefix-length", "--num-tokens", dest="prefix_length", type=_positive, metavar="K",
-                        help="use only the first K tokens (progressive decoding; --num-tokens is a deprecated alias)")
-    visual = argparse.ArgumentParser(add_help=False)
-    visual.add_argument("--scale", type=_positive, default=1, help="enlarge the output image this many times")
-
-    parser = _ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-
-    def add(
-        name: str, function, help: str, parents: list, source: dict, output_help: str = "an image file (.png, ...)"
-    ) -> argparse.ArgumentParser:
-        """A sub-command with one positional input (`source`: its `add_argument` keywords) and `-o/--output`."""
-        sub = commands.add_parser(name, help=help, description=help, parents=parents)
-        sub.set_defaults(function=function)
-        sub.add_argument(source.pop("dest"), **source)
-        sub.add_argument("-o", "--output", required=True, help=output_help)
-        return sub
-
-    add("encode", cmd_encode, "images -> token ids (.npy [N, C] or .jsonl)", [with_model],
-        {"dest": "images", "nargs": "+", "help": "image files or folders of images"}, "tokens.npy or tokens.jsonl")
-    add("decode", cmd_decode, "token ids (.npy or .jsonl) -> images", [with_model, prefix],
-        {"dest": "tokens", "help": "a .npy or .jsonl file written by `encode`"},
-        "an image file (one row) or a new folder of PNGs")
-    add("compress", cmd_compress, "one image -> a .qgt byte stream", [with_model, prefix], {"dest": "image"},
-        "FILE.qgt")
-    add("decompress", cmd_decompress, "a .qgt byte stream -> an image", [with_model, prefix],
-        {"dest": "file", "help": "a .qgt file written by `compress`"})
-    sub = add("progressive", cmd_progressive, "grid of reconstructions from 1, 2, 4, ... tokens", [with_model, visual],
-              {"dest": "image"})
-    sub.add_argument("--lengths", type=_parse_lengths, help="token counts, e.g. 1,4,16 (default 1,2,4,...,C)")
-    sub = add("influence", cmd_influence, "per-token influence map, coloured per token", [with_model, visual],
-              {"dest": "image"})
-    sub.add_argument("--samples", type=_positive, default=1, help="replacement codewords averaged per token")
-    sub.add_argument("--seed", type=int, default=0, help="seed of the replacement codewords")
-    help = "config, bytes per image, parameters, codebook usage"
-    sub = commands.add_parser("info", help=help, description=help, parents=[common])
-    sub.set_defaults(function=cmd_info)
-    sub.add_argument("model", help="saved model folder or hub repo id")
-    sub.add_argument("--json", action="store_true", help="print JSON")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `qg-tokenizer` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    from transformers.utils import logging
-
+def run(args: argparse.Namespace) -> None:
+    """Run the sub-command of arguments that `qg_tokenizer_cli.main` parsed and checked; errors are raised."""
     logging.set_verbosity_error()  # load-time notices and bars would bury the one-line messages
     logging.disable_progress_bar()
-    try:
-        args.function(args)
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if args.debug:
-            raise
-        known = isinstance(error, (CLIError, ValueError))  # our checks and the library's say what is wrong
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG} {args.command}: error: {message if known else f'{type(error).__name__}: {message}'}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
+    COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -161,22 +161,116 @@ def payload_num_bytes(num_tokens: int, codebook_size: int) -> int:
     return (num_bits + 7) // 8
 
 
+# below this many quotient bits the built-in (schoolbook) divmod is used, as by CPython's own `_pylong` (3.12+)
+_DIVMOD_CUTOFF_BITS = 4000
+
+
+def _divmod_2n_by_n(a: int, b: int, n: int) -> tuple[int, int]:
+    """`divmod(a, b)` for `b` of exactly `n` bits and `0 <= a < 2**n * b`, by Burnikel-Ziegler recursive division
+    (two half-size divisions and multiplications), sub-quadratic where CPython's own `divmod` is quadratic."""
+    if a.bit_length() - n <= _DIVMOD_CUTOFF_BITS:
+        return divmod(a, b)
+    pad = n & 1
+    if pad:
+        a, b, n = a << 1, b << 1, n + 1
+    half = n >> 1
+    mask = (1 << half) - 1
+    b1, b2 = b >> half, b & mask
+    q1, r = _divmod_3h_by_2h(a >> n, (a >> half) & mask, b, b1, b2, half)
+    q2, r = _divmod_3h_by_2h(r, a & mask, b, b1, b2, half)
+    return q1 << half | q2, r >> pad
+
+
+def _divmod_3h_by_2h(a12: int, a3: int, b: int, b1: int, b2: int, half: int) -> tuple[int, int]:
+    """One step of `_divmod_2n_by_n`: `divmod(a12 * 2**half + a3, b)`, `b = b1 * 2**half + b2`, `a12 < 2**half * b`."""
+    if a12 >> half == b1:
+        q, r = (1 << half) - 1, a12 - (b1 << half) + b1
+    else:
+        q, r = _divmod_2n_by_n(a12, b1, half)
+    r = (r << half | a3) - q * b2
+    while r < 0:  # q overestimates by at most 2
+        q -= 1
+        r += b
+    return q, r
+
+
+@functools.lru_cache(maxsize=64)
+def _digits_per_chunk(codebook_size: int) -> int:
+    """g: the most base-K digits that a uint64 holds (K**g <= 2**64), the digits per leaf of the radix conversion."""
+    digits = 1
+    while codebook_size ** (digits + 1) <= 2**64:
+        digits += 1
+    return digits
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_power(codebook_size: int, level: int) -> int:
+    """K**(g * 2**level): the radix that splits `2**level` leaf chunks off the low end of an integer."""
+    if level == 0:
+        return codebook_size ** _digits_per_chunk(codebook_size)
+    return _chunk_power(codebook_size, level - 1) ** 2
+
+
+def _split_level(num_chunks: int) -> int:
+    """The level of the split of `num_chunks` >= 2 chunks: the low part is the largest power of two below it."""
+    return (num_chunks - 1).bit_length() - 1
+
+
 def _pack_radix(token_ids: np.ndarray, codebook_size: int, num_bytes: int) -> bytes:
-    """General path: Horner's rule in base K, token 0 the most significant digit."""
-    value = 0
-    for digit in token_ids.tolist():
-        value = value * codebook_size + digit
-    return value.to_bytes(num_bytes, "big")
+    """General path: the base-K integer, token 0 the most significant digit.
+
+    Horner's rule on one Python integer is quadratic in k (k multiply-adds on an integer of up to k log2(K) bits).
+    Instead the ids are grouped into uint64 chunks of g digits (Horner's rule vectorised over the chunks), and the
+    chunks are joined pairwise, `high * K**(g * 2**j) + low`, so the big-integer work is a tree of (Karatsuba)
+    multiplications by cached powers.
+    """
+    per_chunk = _digits_per_chunk(codebook_size)
+    num_chunks = -(-token_ids.size // per_chunk)
+    digits = np.zeros(num_chunks * per_chunk, dtype=np.uint64)  # leading zero digits pad the first chunk
+    digits[digits.size - token_ids.size :] = token_ids
+    chunks = np.zeros(num_chunks, dtype=np.uint64)
+    for column in digits.reshape(num_chunks, per_chunk).T:
+        chunks = chunks * np.uint64(codebook_size) + column  # < K**g <= 2**64: no wrap-around
+    leaves = chunks.tolist()
+
+    def join(start: int, count: int) -> int:
+        if count == 1:
+            return leaves[start]
+        level = _split_level(count)
+        low = 1 << level
+        return join(start, count - low) * _chunk_power(codebook_size, level) + join(start + count - low, low)
+
+    return join(0, num_chunks).to_bytes(num_bytes, "big")
 
 
 def _unpack_radix(payload: bytes, codebook_size: int, prefix_length: int) -> np.ndarray:
+    """Inverse of `_pack_radix`: the integer is split top-down, `divmod(value, K**(g * 2**j))`, into uint64 chunks
+    of g digits (the divisions sub-quadratic, see `_divmod_2n_by_n`), whose digits are taken apart vectorised."""
     value = int.from_bytes(payload, "big")
     if value >= _radix_power(codebook_size, prefix_length):
         _raise_corrupt(value // _radix_power(codebook_size, prefix_length - 1), codebook_size)
-    digits = [0] * prefix_length
-    for i in range(prefix_length - 1, -1, -1):
-        value, digits[i] = divmod(value, codebook_size)
-    return np.array(digits, dtype=np.int64)
+    per_chunk = _digits_per_chunk(codebook_size)
+    num_chunks = -(-prefix_length // per_chunk)
+    leaves = [0] * num_chunks
+
+    def split(value: int, start: int, count: int) -> None:
+        # value < K**(g * count) <= power**2, as `_divmod_2n_by_n` needs
+        if count == 1:
+            leaves[start] = value
+            return
+        level = _split_level(count)
+        low = 1 << level
+        power = _chunk_power(codebook_size, level)
+        high, value = _divmod_2n_by_n(value, power, power.bit_length())
+        split(high, start, count - low)
+        split(value, start + count - low, low)
+
+    split(value, 0, num_chunks)
+    chunks = np.array(leaves, dtype=np.uint64)
+    digits = np.empty((per_chunk, num_chunks), dtype=np.uint64)
+    for position in range(per_chunk - 1, -1, -1):
+        chunks, digits[position] = np.divmod(chunks, np.uint64(codebook_size))
+    return digits.T.ravel()[digits.size - prefix_length :].astype(np.int64)
 
 
 def _pack_bits(token_ids: np.ndarray, bits: int, num_bytes: int) -> bytes:
@@ -268,19 +362,27 @@ def encode_tokens(
     return _write(token_ids[:kept].astype(np.int64), total, codebook_size, fingerprint)
 
 
-def decode_tokens(
-    data: bytes,
-    *,
-    codebook_size: int | None = None,
-    num_tokens: int | None = None,
-    fingerprint: bytes | None = None,
-) -> QGTokenStream:
-    """Parse a stream from `encode_tokens`; the keyword arguments, when given, must match the stream's model.
+@dataclass(frozen=True)
+class _CheckedStream:
+    """A stream whose header, length, checksum and model are checked; its payload is not decoded yet."""
 
-    Raises:
-        CodecError: the bytes are not a valid stream (wrong length, a header field out of range, a checksum that does
-            not match: the bytes changed after encoding), or it was made for a model with another C, K or fingerprint.
-    """
+    payload: bytes
+    num_tokens: int
+    codebook_size: int
+    prefix_length: int
+    fingerprint: bytes
+
+    def decode(self) -> QGTokenStream:
+        token_ids = _unpack(self.payload, self.codebook_size, self.prefix_length)
+        token_ids.setflags(write=False)
+        return QGTokenStream(token_ids, self.num_tokens, self.codebook_size, self.prefix_length, self.fingerprint)
+
+
+def _check_stream(
+    data: bytes, num_tokens: int | None, codebook_size: int | None, fingerprint: bytes | None
+) -> _CheckedStream:
+    """Everything `decode_tokens` checks before it decodes the payload, in linear time: header fields, payload
+    length, checksum, then the expected model."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -317,9 +419,27 @@ def decode_tokens(
             raise CodecError(
                 f"the stream was made for another model: {name} is {found} in the stream, expected {expected}"
             )
-    token_ids = _unpack(payload, size, kept)
-    token_ids.setflags(write=False)
-    return QGTokenStream(token_ids, total, size, kept, stream_fingerprint)
+    return _CheckedStream(payload, total, size, kept, stream_fingerprint)
+
+
+def decode_tokens(
+    data: bytes,
+    *,
+    codebook_size: int | None = None,
+    num_tokens: int | None = None,
+    fingerprint: bytes | None = None,
+) -> QGTokenStream:
+    """Parse a stream from `encode_tokens`; the keyword arguments, when given, must match the stream's model.
+
+    The header, the payload length, the checksum and then the expected model are checked before the payload is
+    decoded, so a stream of another model is rejected without decoding it. The checks take linear time in the
+    stream's length and decoding sub-quadratic time (for a K that is not a power of two).
+
+    Raises:
+        CodecError: the bytes are not a valid stream (wrong length, a header field out of range, a checksum that does
+            not match: the bytes changed after encoding), or it was made for a model with another C, K or fingerprint.
+    """
+    return _check_stream(data, num_tokens, codebook_size, fingerprint).decode()
 
 
 def truncate(data: bytes, prefix_length: int | None = None, *, num_tokens: int | None = None) -> bytes:
@@ -354,6 +474,10 @@ def decode_batch(
     num_tokens: int | None = None,
     fingerprint: bytes | None = None,
 ) -> list[QGTokenStream]:
-    """`decode_tokens` on each stream, checking each against the same expected model."""
-    expected = {"codebook_size": codebook_size, "num_tokens": num_tokens, "fingerprint": fingerprint}
-    return [decode_tokens(stream, **expected) for stream in data]
+    """`decode_tokens` on each stream, checking each against the same expected model.
+
+    Every stream is checked (header, length, checksum, expected model) before any payload is decoded: one bad or
+    foreign stream anywhere in the batch raises before the work of decoding the others is spent.
+    """
+    checked = [_check_stream(stream, num_tokens, codebook_size, fingerprint) for stream in data]
+    return [stream.decode() for stream in checked]

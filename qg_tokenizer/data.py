@@ -75,6 +75,19 @@ def _embedded_mnist_splits() -> DatasetDict:
     )
 
 
+PHOTO_SET_HELP = (
+    "photo_set.npz, the colour benchmark set, is not shipped with the package: it is built from the sample photos of "
+    "OpenCV, scikit-image and scikit-learn (see the README's Data section); pass its path as data.source=PATH"
+)
+
+
+def _check_npz_exists(path: str | os.PathLike, what: str) -> None:
+    """`FileNotFoundError` naming `path` (and where the photo set comes from) unless it is a file."""
+    if not os.path.isfile(path):
+        hint = f": {PHOTO_SET_HELP}" if Path(path).name == "photo_set.npz" else ""
+        raise FileNotFoundError(f"no .npz {what} file at {os.fspath(path)!r}{hint}")
+
+
 def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> DatasetDict:
     """A local `.npz` of uint8 images `(N, H, W)` (grey) or `(N, H, W, 3)` (RGB) as "train"/"test" splits.
 
@@ -84,8 +97,7 @@ def load_npz_dataset(path: str | os.PathLike, test_fraction: float = 0.1) -> Dat
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no .npz dataset file at {os.fspath(path)!r}")
+    _check_npz_exists(path, "dataset")
     with np.load(path) as npz:
         keys = set(npz.files)
         if {"train", "test"} <= keys:  # and any further image arrays (e.g. `test64`), except whole photos
@@ -178,8 +190,7 @@ PHOTO_TRAIN_PREFIX = "photo_train_"
 
 def load_photos(path: str | os.PathLike, prefix: str = PHOTO_TRAIN_PREFIX) -> dict[str, np.ndarray]:
     """The whole photos `<prefix><name>` (uint8 `(H, W, 3)`) of a `.npz` such as `photo_set.npz`, by name."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no .npz photo file at {os.fspath(path)!r}")
+    _check_npz_exists(path, "photo")
     with np.load(path) as npz:
         photos = {key[len(prefix) :]: npz[key] for key in sorted(npz.files) if key.startswith(prefix)}
     if not photos:

@@ -8,8 +8,11 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import ImageInput, PILImageResampling
+from transformers.image_processing_utils import get_size_dict
+from transformers.image_utils import ImageInput, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .image_io import check_aspect_ratio, to_8bit
 
 if TYPE_CHECKING:
     from .configuration_qgvae import QGVAEConfig
@@ -32,6 +35,15 @@ class QGVAEImageProcessor(PilBackend):
     normalisation: the model consumes [0, 1]. Accepts PIL images, NumPy arrays or torch tensors (HW, HWC or CHW), or
     lists of them; as everywhere in transformers, float inputs are rescaled too, so pass `do_rescale=False` for floats
     already in [0, 1]. `return_tensors="pt"` gives `pixel_values` float32 `[B, num_channels, S, S]`.
+
+    PIL images first go through `image_io.to_8bit`: 16-bit and float images are scaled by their range (Pillow's own
+    conversion clips them at 255) and transparent ones composited onto white, whatever `num_channels` is. Images with
+    an aspect ratio above `image_io.MAX_ASPECT_RATIO`:1 are refused (a ValueError), before the resize would blow them
+    up. Files are best read with `image_io.load_image`, which also applies the EXIF orientation.
+
+    The output size follows `size` alone: without an explicit `crop_size`, the crop is `size` itself
+    (`{"height": H, "width": W}`) or S x S (`{"shortest_edge": S}`), in the constructor, in `from_pretrained(...,
+    size=...)` and in a `preprocess(..., size=...)` call. A saved processor keeps the `crop_size` it was saved with.
 
     Args:
         image_size: shorthand for `size={"shortest_edge": S}` and `crop_size={"height": S, "width": S}`.
@@ -57,8 +69,47 @@ class QGVAEImageProcessor(PilBackend):
         if image_size is not None:
             kwargs.setdefault("size", {"shortest_edge": image_size})
             kwargs.setdefault("crop_size", {"height": image_size, "width": image_size})
+        else:
+            self._crop_follows_size(kwargs)
         super().__init__(**kwargs)
         self._check_num_channels(self.num_channels)
+
+    def _crop_follows_size(self, kwargs: dict) -> None:
+        """Set `kwargs["crop_size"]` from `kwargs["size"]` when a size and no crop size is given (and crops are on)."""
+        size, do_center_crop = kwargs.get("size"), kwargs.get("do_center_crop")
+        if size is None or kwargs.get("crop_size") is not None:
+            return
+        if not (self.do_center_crop if do_center_crop is None else do_center_crop):
+            return
+        size = size if isinstance(size, SizeDict) else SizeDict(**get_size_dict(size, default_to_square=False))
+        if size.height is not None and size.width is not None:
+            kwargs["crop_size"] = {"height": size.height, "width": size.width}
+        elif size.shortest_edge is not None and size.longest_edge is None:
+            kwargs["crop_size"] = {"height": size.shortest_edge, "width": size.shortest_edge}
+        else:
+            given = {k: v for k, v in dict(size).items() if v is not None}
+            raise ValueError(
+                f"size {given} fixes no output size: give {{'height': H, 'width': W}} or {{'shortest_edge': S}}, "
+                "or an explicit crop_size"
+            )
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict, **kwargs):
+        # `from_pretrained(folder, size=...)` (or `image_size=...`) overrides the saved size: the crop follows it too
+        image_processor_dict = dict(image_processor_dict)
+        if kwargs.get("image_size") is not None:
+            image_processor_dict["image_size"] = kwargs.pop("image_size")
+            for key in ("size", "crop_size"):
+                if kwargs.get(key) is None:
+                    image_processor_dict.pop(key, None)
+        elif kwargs.get("size") is not None and kwargs.get("crop_size") is None:
+            image_processor_dict.pop("crop_size", None)
+        return super().from_dict(image_processor_dict, **kwargs)
+
+    def preprocess(self, images: ImageInput, *args, **kwargs: Unpack[QGVAEImageProcessorKwargs]):
+        """As `BaseImageProcessor.preprocess`; a `size` given without `crop_size` sets the crop too (see the class)."""
+        self._crop_follows_size(kwargs)
+        return super().preprocess(images, *args, **kwargs)
 
     @classmethod
     def from_model_config(cls, config: QGVAEConfig, **kwargs) -> QGVAEImageProcessor:
@@ -69,6 +120,29 @@ class QGVAEImageProcessor(PilBackend):
     def image_size(self) -> int:
         """Side S of the square `pixel_values` (the centre-crop height)."""
         return self.crop_size.height
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """`(height, width)` of `pixel_values`: the crop, or the resize to height x width; None if it varies."""
+        if self.do_center_crop:
+            return self.crop_size.height, self.crop_size.width
+        if self.do_resize and self.size.height is not None and self.size.width is not None:
+            return self.size.height, self.size.width
+        return None
+
+    def check_model_config(self, config) -> None:
+        """Raise a ValueError unless `pixel_values` fit a model of `config` (`image_size` and `num_channels`).
+
+        `config` is a `QGVAEConfig`, `PatchVQVAEConfig` or any config with `image_size` (int) and `num_channels`.
+        """
+        expected = (config.image_size, config.image_size), config.num_channels
+        if (self.output_size, self.num_channels) != expected:
+            made = "images of varying size" if self.output_size is None else "{}x{} images".format(*self.output_size)
+            raise ValueError(
+                f"the image processor makes {made} with num_channels={self.num_channels}, but the model "
+                f"({type(config).__name__}) takes {config.image_size}x{config.image_size} images with "
+                f"num_channels={config.num_channels}"
+            )
 
     @staticmethod
     def _check_num_channels(num_channels: int) -> None:
@@ -93,9 +167,11 @@ class QGVAEImageProcessor(PilBackend):
         """One image -> `(num_channels, H, W)` array, keeping its dtype (uint8 in [0, 255], or float)."""
         num_channels = num_channels or self.num_channels
         if isinstance(image, PIL.Image.Image):
-            image = image.convert("L") if num_channels == 1 else self.convert_to_rgb(image)
-            return super().process_image(image, do_convert_rgb=False)
+            check_aspect_ratio(*image.size)
+            image = to_8bit(image)  # "L" or "RGB", alpha composited onto white
+            return super().process_image(image.convert("L" if num_channels == 1 else "RGB"), do_convert_rgb=False)
         image = super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format)  # (c, H, W)
+        check_aspect_ratio(image.shape[2], image.shape[1])
         if image.shape[0] == 4:
             image = image[:3]  # drop alpha
         if num_channels == 3 and image.shape[0] == 1:

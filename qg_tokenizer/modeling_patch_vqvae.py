@@ -105,6 +105,7 @@ class PatchVQVAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["PatchVQVAEResidualBlock", "PerTokenQuantizer"]
     _keep_in_fp32_modules = ["quantizer"]
+    _keep_in_fp32_modules_strict = ["quantizer"]  # bf16 loads too: the codebook fingerprint stays the fp32 one
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -9,7 +9,7 @@ and only builds other modules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -382,6 +382,7 @@ class QGVAEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["QGVAEResidualBlock", "PerTokenQuantizer"]
     _keep_in_fp32_modules = ["quantizer"]
+    _keep_in_fp32_modules_strict = ["quantizer"]  # bf16 loads too: the codebook fingerprint stays the fp32 one
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -497,14 +498,28 @@ class QGVAEModel(QGVAEPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ public API
     def encode(self, pixel_values: torch.Tensor, return_dict: bool = True) -> QGVAEEncoderOutput | tuple:
-        """`[B, ch, H, W]` in [0, 1] -> token ids `[B, C]` (+ quantized latents `[B, C, D]` and VQ losses)."""
+        """`[B, ch, H, W]` in [0, 1] -> token ids `[B, C]` (+ quantized latents `[B, C, D]` and VQ losses).
+
+        Any float dtype is accepted: the pixels are cast to the encoder's parameter dtype (a bf16/fp16 model encodes
+        the processor's float32 output, a float32 model encodes float64 pixels); the quantizer computes in float32.
+
+        Like the encoders of transformers and diffusers, `encode` follows the caller's grad mode: with grad enabled
+        it records the graph through the encoder (`quantized` carries the straight-through gradient), which for a
+        large batch costs several times the memory of the pass alone. The token ids are not differentiable: to
+        tokenise, call it under `torch.inference_mode()` (or `torch.no_grad()`), as `compress` and
+        `qg_tokenizer.tokenize.encode_images` do.
+        """
         self._check_pixel_values(pixel_values)
         output = self._encode(pixel_values)
         return output if return_dict else output.to_tuple()
 
     def _encode(self, pixel_values: torch.Tensor) -> QGVAEEncoderOutput:
         """`encode` without the value checks (no host sync)."""
-        return self._quantize(self.encoder(pixel_values))
+        return self._quantize(self.encoder(self._encoder_input(pixel_values)))
+
+    def _encoder_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pixels in the encoder's parameter dtype (a no-op under autocast, where the parameters stay float32)."""
+        return pixel_values.to(next(self.encoder.parameters()).dtype)
 
     def _quantize(self, z: torch.Tensor) -> QGVAEEncoderOutput:
         """Encoder output `[B, C, D]` -> the nearest codewords, their ids and the VQ losses."""
@@ -519,7 +534,8 @@ class QGVAEModel(QGVAEPreTrainedModel):
         return output
 
     def decode_latents(self, quantized: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`[B, C, D]` codewords (+ global offset added here; dropped tokens zeroed after it) -> `[B, ch, H, W]`."""
+        """`[B, C, D]` codewords (+ global offset added here; dropped tokens zeroed after it) -> `[B, ch, H, W]` in
+        the decoder's parameter dtype."""
         return self.decoder(self._decoder_latents(quantized, token_mask))
 
     def _decoder_latents(self, quantized: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -536,8 +552,9 @@ class QGVAEModel(QGVAEPreTrainedModel):
         return_dict: bool = True,
         num_tokens: int | torch.Tensor | None = None,
     ) -> QGVAEDecoderOutput | tuple:
-        """Token ids `[B, C]` -> image `[B, ch, H, W]`; `prefix_length=k` (an int or `[B]`) decodes from the first k
-        tokens only. `num_tokens` is the deprecated name of `prefix_length`."""
+        """Token ids `[B, C]` -> image `[B, ch, H, W]` in the decoder's parameter dtype (whatever the quantizer's);
+        `prefix_length=k` (an int or `[B]`) decodes from the first k tokens only. `num_tokens` is the deprecated name
+        of `prefix_length`."""
         prefix_length = resolve_prefix_length(prefix_length, num_tokens)
         self._check_token_ids(token_ids)
         mask = self._token_mask(prefix_length, token_ids.shape[0], token_ids.device)
@@ -572,7 +589,7 @@ class QGVAEModel(QGVAEPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         self._check_pixel_values(pixel_values, check_values=False)
-        z = self.encoder(pixel_values)  # (B, C, D)
+        z = self.encoder(self._encoder_input(pixel_values))  # (B, C, D)
         encoded = self._quantize(z)
         if token_mask is None and self.training and self.config.token_dropout_prob > 0:
             token_mask = self.token_dropout_mask(pixel_values.shape[0], pixel_values.device)
@@ -622,14 +639,35 @@ class QGVAEModel(QGVAEPreTrainedModel):
         self, pixel_values: torch.Tensor, prefix_length: int | None = None, num_tokens: int | None = None
     ) -> list[bytes]:
         """`[B, ch, H, W]` in [0, 1] -> one byte stream per image (header + ceil(k log2 K / 8) payload bytes), keeping
-        the first `prefix_length` (k) tokens, all C by default; `num_tokens` is its deprecated name."""
+        the first `prefix_length` (k) tokens, all C by default; `num_tokens` is its deprecated name.
+
+        Raises:
+            RuntimeError: the encoder gave NaN or Inf latents (non-finite weights), whose token ids mean nothing.
+        """
         prefix_length = resolve_prefix_length(prefix_length, num_tokens)
-        token_ids = self.encode(pixel_values).token_ids.cpu().numpy()
+        encoded = self.encode(pixel_values)
+        self._check_finite(encoded.quantized, "the encoded latents")
+        token_ids = encoded.token_ids.cpu().numpy()
         return encode_batch(token_ids, self.config.codebook_size, self.codebook_fingerprint(), prefix_length)
 
     @torch.no_grad()
-    def decompress(self, streams: list[bytes]) -> torch.Tensor:
-        """Byte streams from `compress` (possibly truncated to a prefix) -> images `[B, ch, H, W]` (not clamped)."""
+    def decompress(self, streams: Iterable[bytes]) -> torch.Tensor:
+        """Byte streams from `compress` (possibly truncated to a prefix) -> images `[B, ch, H, W]` (not clamped), in
+        the decoder's parameter dtype.
+
+        Raises:
+            TypeError: `streams` is one stream (`bytes`) rather than a list of them, or holds something else.
+            ValueError: `streams` is empty (as `encode`/`decode` reject an empty batch), or a stream is invalid or was
+                made by another model (a `CodecError`, checked for every stream before any is decoded).
+            RuntimeError: the decoder gave NaN or Inf pixels (non-finite weights), rather than returning them.
+        """
+        if isinstance(streams, (bytes, bytearray, memoryview, str)):
+            raise TypeError(
+                f"streams must be a list of byte streams, got {type(streams).__name__} (wrap one stream in a list)"
+            )
+        streams = list(streams)
+        if not streams:
+            raise ValueError("streams is an empty list: give at least one byte stream")
         decoded = decode_batch(
             streams,
             codebook_size=self.config.codebook_size,
@@ -642,8 +680,25 @@ class QGVAEModel(QGVAEPreTrainedModel):
         device = self.quantizer.codebook.device
         kept = torch.tensor([stream.prefix_length for stream in decoded], device=device)
         token_ids = torch.from_numpy(token_ids).to(device)
-        return self.decode(token_ids, prefix_length=kept).pixel_values
+        pixel_values = self.decode(token_ids, prefix_length=kept).pixel_values
+        self._check_finite(pixel_values, "the decoder's output")
+        return pixel_values
 
+    def _check_finite(self, values: torch.Tensor, what: str) -> None:
+        """Raise if `values` has NaN or Inf, naming the model's first non-finite parameters (a host sync: for the
+        eager entry points `compress`/`decompress` only, not `forward` or traced graphs)."""
+        if _is_tracing() or torch.isfinite(values).all():
+            return
+        bad = [name for name, parameter in self.named_parameters() if not torch.isfinite(parameter).all()]
+        if bad:
+            more = ", ..." if len(bad) > 3 else ""
+            raise RuntimeError(
+                f"NaN or Inf in {what}: the model has non-finite (corrupt) parameters {', '.join(bad[:3])}{more}"
+            )
+        raise RuntimeError(
+            f"NaN or Inf in {what}, though the parameters are finite: an activation overflowed in {values.dtype} "
+            "(try float32)"
+        )
 
 
 __all__ = [

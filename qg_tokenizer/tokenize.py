@@ -19,8 +19,11 @@ import PIL.Image
 import torch
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from datasets.fingerprint import Hasher
+from datasets.utils.file_utils import is_local_path, xopen
 from transformers import AutoModel, PreTrainedModel
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, cached_file
 
+from .image_io import load_image
 from .image_processing_qgvae import QGVAEImageProcessor
 
 TOKEN_IDS_COLUMN = "token_ids"
@@ -42,17 +45,32 @@ def load_tokenizer(
 ) -> tuple[PreTrainedModel, QGVAEImageProcessor]:
     """A saved image tokenizer (QG-VAE or patch VQ-VAE; local folder or hub repo id) in eval mode, and its processor.
 
-    The processor is read from `preprocessor_config.json` when the folder has one, else made from the model config.
+    The processor is read from `preprocessor_config.json` when the folder has one, else made from the model config
+    (`QGVAEImageProcessor.from_model_config`). `AutoImageProcessor.from_pretrained` cannot do the latter: transformers
+    5 reads `preprocessor_config.json` before it looks at `config.json`, and raises an `OSError` when it is missing.
     `kwargs` go to `AutoModel.from_pretrained`.
+
+    Raises:
+        ValueError: the saved processor does not make the images the model takes (`image_size`, `num_channels`).
+        OSError: the model cannot be loaded, or `preprocessor_config.json` is not valid JSON (naming the file).
     """
     model = AutoModel.from_pretrained(name_or_path, **kwargs).eval()
     if device is not None:
         model.to(device)
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token")}
+    # only a missing file falls back to the config: a corrupt one must fail, not give silently different images
+    saved = cached_file(name_or_path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if saved is None:
+        return model, QGVAEImageProcessor.from_model_config(model.config)
+    where = f"{IMAGE_PROCESSOR_NAME} of {str(name_or_path)!r}"
     try:
-        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "token")}
         processor = QGVAEImageProcessor.from_pretrained(name_or_path, **hub_kwargs)
-    except OSError:  # no preprocessor_config.json: the config fixes size and channels
-        processor = QGVAEImageProcessor.from_model_config(model.config)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where} is not a valid QGVAEImageProcessor config: {error}") from error
+    try:
+        processor.check_model_config(model.config)
+    except ValueError as error:
+        raise ValueError(f"{where} does not fit the model's {CONFIG_NAME}: {error}") from None
     return model, processor
 
 
@@ -79,10 +97,19 @@ def encode_images(
 
 
 def _decode_image(feature: Image, value: dict, index: int, column: str) -> PIL.Image.Image:
-    """One undecoded `Image` cell `{"bytes", "path"}` -> a loaded PIL image; failures name the row."""
+    """One undecoded `Image` cell `{"bytes", "path"}` -> a PIL image by `image_io.load_image`; failures name the row.
+
+    `load_image` is the decoder of the CLI too (EXIF orientation, 16-bit and float images scaled, no bombs); the
+    feature's `mode`, if set, is applied after it, as `Image.decode_example` would.
+    """
     try:
-        image = feature.decode_example(value)
-        image.load()
+        source, path = value["bytes"], value["path"]
+        if source is None and path is not None and not is_local_path(path):
+            with xopen(path, "rb") as f:  # a file of a hub or remote dataset
+                source = f.read()
+        image = load_image(source if source is not None else path, name=path)
+        if feature.mode and feature.mode != image.mode:
+            image = image.convert(feature.mode)
     except Exception as error:
         raise ValueError(f"column {column!r} of row {index} cannot be decoded as an image: {error}") from error
     return image

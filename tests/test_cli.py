@@ -1,5 +1,6 @@
 """The `qg-tokenizer` console script: end to end in a subprocess, every command and every bad input in-process."""
 
+import errno
 import json
 import os
 import struct
@@ -13,11 +14,12 @@ import pytest
 import torch
 from transformers.utils import logging
 
+import qg_tokenizer.cli
+import qg_tokenizer_cli
 from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
-from qg_tokenizer.cli import CLIError, main
 from qg_tokenizer.codec import HEADER_NUM_BYTES, checksum
 from qg_tokenizer.data import load_embedded_mnist
-from qg_tokenizer.visualize import prefix_lengths
+from qg_tokenizer.visualize import READABLE_WIDTH, prefix_label, prefix_lengths
 from tests.conftest import tiny_config
 from tests.hub_utils import lay_out_hf_cache
 
@@ -71,7 +73,8 @@ def cli(capsys, workspace):
 
     def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()  # drop what the test printed before
-        status = main([str(workspace / a) if (workspace / a).exists() and a != "." else a for a in argv])
+        argv = [str(workspace / a) if (workspace / a).exists() and a != "." else a for a in argv]
+        status = qg_tokenizer_cli.main(argv)
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 
@@ -156,19 +159,31 @@ def test_decode_writes_a_folder_or_one_image(cli, model, processor, out):
 
 
 def test_progressive_and_influence_grids(cli, model, out):
-    assert cli("progressive", "digit1.png", "--model", "model", "-o", "grid.png", "--scale", "2")[0] == 0
-    rows = 1 + len(prefix_lengths(model.config.num_tokens))  # input, then k = 1, 2, 4, 8
-    assert PIL.Image.open(out / "grid.png").size == (2 * 18, 2 * (rows * 17 + 1))
+    """Labelled, readable grids whose labels and layout are PNG text chunks (tests/test_visualize.py: the layout)."""
+    status, text, _ = cli("progressive", "digit1.png", "--model", "model", "-o", "grid.png")
+    labels = ["input"] + [prefix_label(k, 8, 300) for k in prefix_lengths(model.config.num_tokens)]  # k = 1, 2, 4, 8
+    grid = PIL.Image.open(out / "grid.png")
+    assert status == 0 and json.loads(grid.text["row_labels"]) == labels and grid.width >= READABLE_WIDTH
+    assert f"grid.png: {grid.width}x{grid.height} px, labelled rows top to bottom: {'; '.join(labels)}" in text
+    layout = json.loads(grid.text["layout"])
+    assert layout["rows"] == 5 and layout["columns"] == 1 and layout["cell_size"] == [16 * layout["scale"]] * 2
+    assert cli("progressive", "digit1.png", "--model", "model", "-o", "grid2.png", "--scale", "2")[0] == 0
+    assert json.loads(PIL.Image.open(out / "grid2.png").text["layout"])["scale"] == 2 * layout["scale"]
 
     assert cli("influence", "digit1.png", "--model", "model", "-o", "map.png")[0] == 0
     grid = PIL.Image.open(out / "map.png")
-    assert grid.mode == "RGB" and grid.size == (4 * 17 + 1, 3 * 17 + 1)  # 2 + C = 10 panels, 4 per row
+    captions = json.loads(grid.text["cell_labels"])  # 2 + C = 10 panels, 4 per row
+    assert captions == [["input", "all tokens", "token 0", "token 1"], [f"token {c}" for c in range(2, 6)],
+                        ["token 6", "token 7", "", ""]]  # fmt: skip
+    layout = json.loads(grid.text["layout"])
+    assert grid.mode == "RGB" and grid.width >= READABLE_WIDTH and (layout["rows"], layout["columns"]) == (3, 4)
+    (x, y), (dx, _), (w, h) = layout["origin"], layout["step"], layout["cell_size"]
     panels = np.asarray(grid)
-    assert panels[18:34, 1:17].max() > 0  # the all-tokens panel is not black: every token changes some pixel
+    assert panels[y : y + h, x + dx : x + dx + w].max() > 0  # the all-tokens panel is not black: every token counts
 
 
 def test_info_reports_budget_parameters_and_usage(cli, workspace, model, tmp_path):
-    status, text, _ = cli("info", "model")
+    status, text, _ = cli("info", "--model", "model")
     assert status == 0
     assert "8 x log2(300) = 65.8 bits -> 9 bytes per image" in text
     assert "codebook usage: not recorded" in text
@@ -177,7 +192,7 @@ def test_info_reports_budget_parameters_and_usage(cli, workspace, model, tmp_pat
     model.quantizer.usage_counts[:, :150] = 1  # half of every codebook used in training
     model.save_pretrained(tmp_path / "trained")
     model.quantizer.usage_counts.copy_(used)
-    status, text, _ = cli("info", str(tmp_path / "trained"), "--json")
+    status, text, _ = cli("info", "--model", str(tmp_path / "trained"), "--json")
     info = json.loads(text)
     assert info["num_tokens"] == 8 and info["codebook_size"] == 300 and info["bytes_per_image"] == 9
     assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
@@ -242,7 +257,7 @@ def test_streams_of_another_model_are_refused(cli, workspace, out, maker, messag
         (["progressive", "missing.png", "--model", "model", "-o", "x.png"], "'missing.png': no such file"),
         (["compress", "digit0.png", "--model", "no/such/model", "-o", "x.qgt"], "--model 'no/such/model': no such"),
         (["compress", "digit0.png", "--model", ".", "-o", "x.qgt"], "has no config.json"),
-        (["info", "./missing-model"], "no such model folder"),
+        (["info", "--model", "./missing-model"], "no such model folder"),
         (["encode", "digit0.png", "--model", "model", "-o", "x.csv"], "expected a file ending in .npy, .jsonl"),
         (["compress", "digit0.png", "--model", "model", "-o", "no/dir/x.qgt"], "the folder 'no/dir' does not exist"),
         (["decompress", "digit0.png", "--model", "model", "-o", "x.png"], "not a QG-VAE token stream"),
@@ -274,5 +289,158 @@ def test_usage_errors_are_one_line_and_debug_shows_the_exception(cli, capsys, ou
     assert capsys.readouterr().err.splitlines() == [
         "qg-tokenizer compress: error: the following arguments are required: -o/--output (see --help)"
     ]
-    with pytest.raises(CLIError, match="no such model folder"):
-        cli("info", "./missing-model", "--debug")
+    with pytest.raises(qg_tokenizer_cli.CLIError, match="no such model folder"):
+        cli("info", "--model", "./missing-model", "--debug")
+
+
+def test_info_takes_the_model_as_an_option_like_every_command(cli, capsys, model):
+    status, text, err = cli("info", "--model", "model", "--json")
+    assert status == 0 and json.loads(text)["num_tokens"] == 8 and err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        cli("info", "model")  # the positional form of before
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qg-tokenizer info: error: the following arguments are required: --model (see --help)"
+    ]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading a model (locally or from the hub)."""
+
+    def load_tokenizer(*args, **kwargs):
+        raise AssertionError(f"the model was loaded: {args} {kwargs}")
+
+    monkeypatch.setattr(qg_tokenizer.cli, "load_tokenizer", load_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("runs/final", ": no such model folder ('runs' is a folder here, so this is a path)"),  # `org/name` in form
+        ("weights.safetensors", ": no such model folder"),
+        ("my model", ": no such model folder"),  # not a hub repo id
+        ("~/no-such-qg-model", ": no such model folder"),
+        ("config.json", " is a file, expected a saved model folder (the one holding config.json)"),
+    ],
+)  # fmt: skip
+def test_local_looking_models_that_do_not_exist_fail_before_the_hub(cli, out, no_loading, model, message):
+    (out / "runs").mkdir()
+    (out / "config.json").write_text("{}")
+    status, _, err = cli("compress", "digit0.png", "--model", model, "-o", "x.qgt")
+    assert status == 1 and err.splitlines() == [f"qg-tokenizer compress: error: --model {model!r}{message}"]
+    assert sorted(os.listdir(out)) == ["config.json", "runs"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "some-org/qgvae-tiny", "org/model-v1.5", "org/runs"])
+def test_hub_repo_ids_are_left_to_the_hub(out, name):
+    (out / "runs").mkdir()  # a local folder named like a repo (not an owner) does not make `org/runs` a path
+    assert qg_tokenizer_cli.check_model(name) == name
+
+
+def test_remote_code_is_refused_without_a_prompt(cli, out, monkeypatch):
+    (out / "custom").mkdir()
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel"}
+    (out / "custom" / "config.json").write_text(json.dumps({"model_type": "x-custom", "auto_map": auto_map}))
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(prompt) or "n")  # transformers asks so
+    status, _, err = cli("compress", "digit0.png", "--model", "custom", "-o", "x.qgt")
+    assert prompts == [] and status == 1 and len(err.splitlines()) == 1
+    assert "not a model type of qg_tokenizer, and the code its repo ships runs only with --trust-remote-code" in err
+
+    asked = []
+
+    def load_tokenizer(name, **kwargs):
+        asked.append(kwargs["trust_remote_code"])
+        raise qg_tokenizer_cli.CLIError("stop here")
+
+    monkeypatch.setattr(qg_tokenizer.cli, "load_tokenizer", load_tokenizer)
+    assert cli("compress", "digit0.png", "--model", "custom", "-o", "x.qgt", "--trust-remote-code")[0] == 1
+    assert asked == [True] and os.listdir(out) == ["custom"]
+
+
+def test_decode_to_an_unknown_suffix_is_an_error_not_a_folder(cli, out, no_loading):
+    np.save(out / "tokens.npy", np.zeros((2, 8), dtype=np.int16))
+    status, _, err = cli("decode", "tokens.npy", "--model", "model", "-o", "images.xyz")
+    assert status == 1 and "-o 'images.xyz': expected an image file (.png, .jpg, ...) for one image, or a folder" in err
+    assert err.rstrip().endswith("got the suffix '.xyz'") and os.listdir(out) == ["tokens.npy"]
+
+
+@pytest.mark.parametrize("argv", [["compress", "digit0.png", "-o", "ro/x.qgt"], ["decode", "t.npy", "-o", "ro/images"]])
+def test_a_read_only_output_folder_is_an_error_before_any_work(cli, out, monkeypatch, no_loading, argv):
+    np.save(out / "t.npy", np.zeros((2, 8), dtype=np.int16))
+    (out / "ro").mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere: answer as the OS does for everyone else
+        access, read_only = os.access, (out / "ro").resolve()
+        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (
+            mode & os.W_OK and Path(p).resolve() == read_only))  # fmt: skip
+    status, _, err = cli(*argv, "--model", "model")
+    assert status == 1 and err.splitlines() == [
+        f"qg-tokenizer {argv[0]}: error: -o {argv[-1]!r}: the folder 'ro' is not writable"
+    ]
+    assert os.listdir(out / "ro") == []
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(cli, workspace, model, processor, out, monkeypatch):
+    (out / "digit.qgt").write_bytes(model.compress(pixels(processor, workspace / "digit0.png"))[0])
+
+    def save(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PIL.Image.Image, "save", save)
+    status, _, err = cli("decompress", "digit.qgt", "--model", "model", "-o", "image.png")
+    assert status == 1 and err.splitlines() == [
+        "qg-tokenizer decompress: error: -o 'image.png': cannot write (No space left on device)"
+    ]
+    assert os.listdir(out) == ["digit.qgt"]
+
+
+def test_cli_and_tokenize_dataset_read_an_exif_rotated_jpeg_alike(cli, out, model, processor):
+    """One image loader: the CLI's tokens of an EXIF-rotated JPEG are `tokenize_dataset`'s."""
+    from datasets import Dataset, Image
+
+    from qg_tokenizer import tokenize_dataset
+
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 6  # shown rotated by 90 degrees
+    ramp = np.add.outer(np.arange(12) * 20, np.arange(24) * 10).clip(0, 255).astype(np.uint8)
+    PIL.Image.fromarray(ramp).save(out / "rotated.jpg", format="JPEG", quality=95, exif=exif)
+    assert cli("encode", "rotated.jpg", "--model", "model", "-o", "tokens.npy")[0] == 0
+    dataset = Dataset.from_dict({"image": [str(out / "rotated.jpg")]}).cast_column("image", Image())
+    expected = tokenize_dataset(dataset, model, processor, batch_size=1)["token_ids"]
+    np.testing.assert_array_equal(np.load(out / "tokens.npy"), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "is not a valid token file (EOFError"), (np.zeros((0, 8), np.int64), "holds no token ids (shape (0, 8))")],
+)
+def test_empty_token_files_are_clear_errors(cli, out, content, message):
+    if isinstance(content, bytes):
+        (out / "t.npy").write_bytes(content)
+    else:
+        np.save(out / "t.npy", content)
+    status, _, err = cli("decode", str(out / "t.npy"), "--model", "model", "-o", str(out / "images"))
+    assert status == 1 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncate"])
+def test_corrupt_weights_are_refused_before_any_output(cli, workspace, out, tmp_path, damage):
+    """NaN weights would give NaN images with exit 0, a truncated file a raw SafetensorError."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(workspace / "model", broken)
+    weights = broken / "model.safetensors"
+    if damage == "nan":
+        tensors = load_file(weights)
+        tensors["decoder.residual.weight"][0] = float("nan")
+        save_file(tensors, weights, metadata={"format": "pt"})
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    status, _, err = cli("compress", str(workspace / "digit0.png"), "--model", str(broken), "-o", str(out / "x.qgt"))
+    assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    expected = "decoder.residual.weight): the file is corrupt" if damage == "nan" else "cannot load the model"
+    assert expected in err and not (out / "x.qgt").exists()

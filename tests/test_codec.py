@@ -121,6 +121,48 @@ def test_fast_and_general_paths_agree(num_tokens, codebook_size):
     np.testing.assert_array_equal(codec._unpack_radix(general, codebook_size, num_tokens), ids)
 
 
+def horner_bytes(ids: np.ndarray, codebook_size: int) -> bytes:
+    """The format's definition, computed the slow (quadratic) way: Horner's rule on one Python integer."""
+    value = 0
+    for digit in ids.tolist():
+        value = value * codebook_size + digit
+    return value.to_bytes(payload_num_bytes(ids.size, codebook_size), "big")
+
+
+@pytest.mark.parametrize("codebook_size", [3, 7, 300, 1000, 65537, 2**32 - 1])
+@pytest.mark.parametrize("num_tokens", [39, 40, 41, 1023, 1025, 3001])
+def test_radix_path_matches_the_definition(num_tokens, codebook_size):
+    # sizes around the uint64 chunk of g digits (g = 40 for K = 3) and around powers of two chunks; 3001 tokens of
+    # K >= 300 make integers of over 8000 bits, where the divisions take the recursive (Burnikel-Ziegler) path
+    rng = np.random.default_rng(num_tokens)
+    for ids in (rng.integers(0, codebook_size, num_tokens), np.full(num_tokens, codebook_size - 1)):
+        reference = horner_bytes(ids, codebook_size)
+        assert codec._pack_radix(ids, codebook_size, len(reference)) == reference
+        np.testing.assert_array_equal(codec._unpack_radix(reference, codebook_size, num_tokens), ids)
+
+
+def test_divmod_2n_by_n_matches_divmod():
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 63, 4000, 4001, 9001, 30000):
+        for _ in range(20):
+            divisor = int.from_bytes(rng.bytes(bits // 8 + 1), "big") % (1 << bits) | (1 << (bits - 1))  # n bits
+            limit = (1 << bits) * divisor  # the function's domain: 0 <= a < 2**n * b
+            for dividend in (0, limit - 1, int.from_bytes(rng.bytes(2 * bits // 8 + 2), "big") % limit):
+                assert codec._divmod_2n_by_n(dividend, divisor, bits) == divmod(dividend, divisor)
+
+
+@pytest.mark.parametrize(("codebook_size", "payload_bytes"), [(3, 12984), (300, 67410)])
+def test_the_largest_streams_round_trip(codebook_size, payload_bytes):
+    # C = 65535 tokens: quadratic base-K conversion took seconds here (and 37 s at K = 2**32 - 1)
+    ids = random_ids(65535, codebook_size)
+    data = encode_tokens(ids, codebook_size, FP)
+    assert len(data) == HEADER_NUM_BYTES + payload_bytes == HEADER_NUM_BYTES + payload_num_bytes(65535, codebook_size)
+    decoded = decode_tokens(data, codebook_size=codebook_size, num_tokens=65535, fingerprint=FP)
+    np.testing.assert_array_equal(decoded.token_ids, ids)
+    np.testing.assert_array_equal(decode_tokens(truncate(data, 4000)).token_ids, ids[:4000])
+    assert truncate(data, 4000)[HEADER_NUM_BYTES:] == horner_bytes(ids[:4000], codebook_size)
+
+
 def test_fast_and_general_paths_reject_the_same_corruption():
     payload = b"\xff" * payload_num_bytes(3, 8)  # 9 bits of ids in 2 bytes: 7 padding bits set
     with pytest.raises(CodecError, match="corrupt") as fast:
@@ -276,6 +318,21 @@ def test_decode_rejects_digit_out_of_range():
 def test_decode_rejects_stream_of_another_model(expected, match):
     with pytest.raises(CodecError, match="another model: " + match):
         decode_tokens(stream(), **expected)
+
+
+def test_another_model_is_rejected_before_the_payload_is_decoded(monkeypatch):
+    def unpack(*args):
+        raise AssertionError("the payload was decoded")
+
+    good, foreign = stream(), stream(codebook_size=512)
+    monkeypatch.setattr(codec, "_unpack", unpack)
+    with pytest.raises(CodecError, match="another model: codebook_size is 512 in the stream, expected 300"):
+        decode_tokens(foreign, codebook_size=300)
+    # a batch checks every stream before it decodes any: the valid first stream is not decoded either
+    with pytest.raises(CodecError, match="another model: codebook_size is 512 in the stream, expected 300"):
+        decode_batch([good, foreign], codebook_size=300)
+    with pytest.raises(CodecError, match="trailing bytes"):
+        decode_batch([good, good + b"\x00"])
 
 
 def test_codec_error_is_a_value_error():

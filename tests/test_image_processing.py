@@ -143,3 +143,106 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(
         auto(image, return_tensors="pt")["pixel_values"], processor(image, return_tensors="pt")["pixel_values"]
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [({"size": {"height": 32, "width": 32}, "num_channels": 3}, (1, 3, 32, 32)),
+     ({"size": {"height": 20, "width": 24}}, (1, 1, 20, 24)),
+     ({"size": {"shortest_edge": 20}}, (1, 1, 20, 20)),
+     ({"size": 24}, (1, 1, 24, 24)),
+     ({"image_size": 12}, (1, 1, 12, 12)),
+     ({"size": {"shortest_edge": 20}, "crop_size": {"height": 16, "width": 16}}, (1, 1, 16, 16))],
+)  # fmt: skip
+def test_size_alone_sets_the_output_size(kwargs, shape):
+    processor = QGVAEImageProcessor(**kwargs)
+    out = processor(random_rgb(40, 50), return_tensors="pt")["pixel_values"]
+    assert out.shape == shape  # not the 28 x 28 of the class default crop
+    assert processor.output_size == shape[2:]
+
+
+def test_size_per_call_sets_the_crop_too():
+    processor = QGVAEImageProcessor()  # 28 x 28
+    image = random_rgb(40, 50)
+    assert processor(image, size={"height": 32, "width": 32}, return_tensors="pt")["pixel_values"].shape[2:] == (32, 32)
+    assert processor(image, size={"shortest_edge": 16}, return_tensors="pt")["pixel_values"].shape[2:] == (16, 16)
+    explicit = processor(image, size={"shortest_edge": 16}, crop_size={"height": 8, "width": 10}, return_tensors="pt")
+    assert explicit["pixel_values"].shape[2:] == (8, 10)
+    assert processor.crop_size.height == 28 and processor(image)["pixel_values"][0].shape == (1, 28, 28)  # unchanged
+    # same pixels as a processor made with that size
+    torch.testing.assert_close(
+        processor(image, size={"shortest_edge": 16}, return_tensors="pt")["pixel_values"],
+        QGVAEImageProcessor(image_size=16)(image, return_tensors="pt")["pixel_values"],
+    )
+
+
+def test_a_size_without_a_fixed_output_asks_for_a_crop():
+    with pytest.raises(ValueError, match=r"size \{'longest_edge': 20\} fixes no output size.*explicit crop_size"):
+        QGVAEImageProcessor(size={"longest_edge": 20})
+    with pytest.raises(ValueError, match="fixes no output size"):
+        QGVAEImageProcessor()(random_rgb(8, 8), size={"longest_edge": 20})
+    assert QGVAEImageProcessor(size={"longest_edge": 20}, crop_size={"height": 8, "width": 8}).output_size == (8, 8)
+
+
+def test_size_survives_save_and_load(tmp_path):
+    processor = QGVAEImageProcessor(size={"height": 32, "width": 32}, num_channels=3)
+    assert processor.to_dict()["crop_size"] == {"height": 32, "width": 32}
+    processor.save_pretrained(tmp_path)
+    for loaded in (QGVAEImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert loaded.to_dict() == processor.to_dict()
+        assert loaded(random_rgb(40, 50), return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+    overridden = QGVAEImageProcessor.from_pretrained(tmp_path, size={"shortest_edge": 16})
+    assert overridden.output_size == (16, 16) and overridden.num_channels == 3
+    assert QGVAEImageProcessor.from_pretrained(tmp_path, image_size=20).output_size == (20, 20)
+
+
+def test_a_config_with_an_explicit_crop_loads_as_it_was_saved(tmp_path):
+    # what the processor before the size fix saved for `size={"height": 32, "width": 32}`: a 28 x 28 crop
+    saved = {
+        "image_processor_type": "QGVAEImageProcessor", "size": {"height": 32, "width": 32},
+        "crop_size": {"height": 28, "width": 28}, "do_center_crop": True, "do_resize": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": False, "do_convert_rgb": False, "resample": 3, "num_channels": 3,
+    }  # fmt: skip
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    loaded = QGVAEImageProcessor.from_pretrained(tmp_path)
+    assert loaded.output_size == (28, 28) and dict(loaded.size) == {"height": 32, "width": 32}
+    assert {k: v for k, v in loaded.to_dict().items() if k in saved} == saved
+    assert loaded(random_rgb(40, 50), return_tensors="pt")["pixel_values"].shape == (1, 3, 28, 28)
+
+
+def test_check_model_config_names_both_sizes():
+    config = QGVAEConfig.from_preset("photos32-cpu")  # 32 x 32 RGB
+    QGVAEImageProcessor.from_model_config(config).check_model_config(config)
+    QGVAEImageProcessor(size={"height": 32, "width": 32}, num_channels=3).check_model_config(config)
+    with pytest.raises(ValueError, match=r"makes 28x28 images with num_channels=3, but the model \(QGVAEConfig\) takes "
+                       r"32x32 images with num_channels=3"):  # fmt: skip
+        QGVAEImageProcessor(num_channels=3).check_model_config(config)
+    with pytest.raises(ValueError, match=r"makes 32x32 images with num_channels=1, .* num_channels=3"):
+        QGVAEImageProcessor(image_size=32).check_model_config(config)
+    with pytest.raises(ValueError, match="makes images of varying size"):
+        QGVAEImageProcessor(image_size=32, num_channels=3, do_center_crop=False).check_model_config(config)
+
+
+def test_16_bit_and_float_pil_images_are_scaled_not_clipped():
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    processor = QGVAEImageProcessor(image_size=16)
+    for image in (PIL.Image.fromarray(levels * 257), PIL.Image.fromarray(levels.astype(np.float32) / 255)):
+        assert image.mode in ("I;16", "F")
+        out = processor(image, return_tensors="pt")["pixel_values"][0, 0]
+        np.testing.assert_allclose(out.numpy(), levels / 255, atol=1e-6)  # Pillow's convert("L") clips at 255
+
+
+def test_transparent_pixels_are_white_for_grey_and_rgb():
+    rgba = PIL.Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    for num_channels in (1, 3):
+        out = QGVAEImageProcessor(image_size=16, num_channels=num_channels)(rgba, return_tensors="pt")
+        assert out["pixel_values"].min() == 1.0
+
+
+def test_absurd_aspect_ratios_are_refused_before_the_resize():
+    processor = QGVAEImageProcessor()
+    with pytest.raises(ValueError, match="of 100000x1 pixels is refused: its aspect ratio exceeds 64:1"):
+        processor(PIL.Image.new("L", (100_000, 1)))
+    with pytest.raises(ValueError, match="of 1x100000 pixels is refused"):
+        processor(np.zeros((100_000, 1), np.uint8))
+    assert processor(np.zeros((2, 128), np.uint8), return_tensors="pt")["pixel_values"].shape == (1, 1, 28, 28)

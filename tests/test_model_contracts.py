@@ -149,3 +149,23 @@ def test_layout_configs_need_no_torch_and_the_package_stands_alone():
         text = module.read_text()
         assert "training" not in imported_modules(module) and "benchmarks" not in imported_modules(module), module
         assert '"training"' not in text and "'training'" not in text, f"{module.name} reaches into training/"
+
+
+@pytest.mark.parametrize("config_class", [QGVAEConfig, PatchVQVAEConfig])
+def test_configs_keep_the_shared_config_contract(config_class, tmp_path):
+    """ConfigTester's checks: to_dict/from_dict, to_json_string, save/load round trips, the standard fields
+    (num_labels <-> id2label) and unknown keyword arguments kept as attributes."""
+    config = config_class(my_field=3, num_labels=3)
+    assert config.my_field == 3 and len(config.id2label) == 3 and config.num_labels == 3
+    config.num_labels = 5
+    assert sorted(config.id2label) == list(range(5))
+    for loaded in (
+        config_class.from_dict(config.to_dict()),
+        config_class.from_json_file(config.to_json_file(tmp_path / "c.json") or tmp_path / "c.json"),
+    ):
+        assert loaded.to_dict() == config.to_dict() and loaded.my_field == 3
+    config.save_pretrained(tmp_path / "saved")
+    assert config_class.from_pretrained(tmp_path / "saved").to_dict() == config.to_dict()
+    overridden, unused = config_class.from_pretrained(tmp_path / "saved", reset_interval=7, unknown=1,
+                                                      return_unused_kwargs=True)  # fmt: skip
+    assert overridden.reset_interval == 7 and unused == {"unknown": 1} and overridden.my_field == 3

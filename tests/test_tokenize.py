@@ -15,7 +15,8 @@ from datasets import Array2D, Dataset, DatasetDict, Features, Image, load_from_d
 
 from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
 from qg_tokenizer.data import load_embedded_mnist
-from qg_tokenizer.tokenize import load_tokenizer, token_dtype, tokenize_dataset
+from qg_tokenizer.image_io import load_image
+from qg_tokenizer.tokenize import encode_images, load_tokenizer, token_dtype, tokenize_dataset
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,58 @@ def test_load_tokenizer_reads_the_saved_processor_or_falls_back_to_the_config(mo
     model.save_pretrained(tmp_path / "full")
     QGVAEImageProcessor.from_model_config(model.config, resample=0).save_pretrained(tmp_path / "full")
     assert load_tokenizer(tmp_path / "full")[1].resample == 0
+
+
+def test_load_tokenizer_refuses_a_processor_that_does_not_fit_the_model(model, tmp_path):
+    model.save_pretrained(tmp_path)  # 16 x 16 grey
+    QGVAEImageProcessor(image_size=28, num_channels=3).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"preprocessor_config.json of .* does not fit the model's config.json: the "
+                       r"image processor makes 28x28 images with num_channels=3, but the model \(QGVAEConfig\) takes "
+                       r"16x16 images with num_channels=1"):  # fmt: skip
+        load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_fails_on_a_corrupt_processor_config(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"num_channels": 1,')  # truncated: not the config's defaults
+    with pytest.raises(OSError, match=r"preprocessor_config.json' is not a valid JSON file"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"num_channels": 2}')
+    with pytest.raises(ValueError, match=r"preprocessor_config.json of .* not a valid .*num_channels must be 1 or 3"):
+        load_tokenizer(tmp_path)
+
+
+def png_bytes(image: PIL.Image.Image, format: str = "PNG", **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_kwargs)
+    return buffer.getvalue()
+
+
+def test_dataset_images_decode_as_the_image_loader_decodes_files(model, digits, tmp_path):
+    # a JPEG with an EXIF orientation, and a 16-bit PNG: the tokens of tokenize_dataset are those of `load_image`
+    digit = np.asarray(digits[0]["image"])  # uint8 (28, 28)
+    exif = PIL.Image.Exif()
+    exif[PIL.Image.ExifTags.Base.Orientation] = 8  # displayed rotated 90 degrees anticlockwise
+    path = tmp_path / "digit.jpg"
+    PIL.Image.fromarray(digit[:, 4:24]).save(path, quality=95, exif=exif)  # 20 wide x 28 high on disk
+    deep = png_bytes(PIL.Image.fromarray(digit.astype(np.uint16) * 257))
+    cells = [{"bytes": None, "path": str(path)}, {"bytes": deep, "path": None}]
+    data = Dataset.from_dict({"image": cells}, features=Features({"image": Image()}))
+    tokens = torch.tensor(tokenize_dataset(data, model)["token_ids"])
+    loaded = [load_image(path), load_image(deep)]
+    assert loaded[0].size == (28, 20) and loaded[1].mode == "L"
+    np.testing.assert_array_equal(np.asarray(loaded[1]), digit)  # the 16-bit digit is the 8-bit digit, not clipped
+    processor = QGVAEImageProcessor.from_model_config(model.config)
+    assert torch.equal(tokens, encode_images(model, processor, loaded).cpu())
+    assert torch.equal(tokens[1], reference_tokens(model, [digits[0]["image"]])[0][0])
+
+
+def test_an_absurd_aspect_ratio_is_refused_with_its_row_index(model):
+    cells = [{"bytes": png_bytes(PIL.Image.new("L", (16, 16), 128)), "path": None}] * 3
+    cells[2] = {"bytes": png_bytes(PIL.Image.new("L", (100_000, 1))), "path": None}
+    data = Dataset.from_dict({"image": cells}, features=Features({"image": Image()}))
+    with pytest.raises(ValueError, match=r"row 2 cannot be decoded as an image: .*100000x1 pixels .*exceeds 64:1"):
+        tokenize_dataset(data, model)
 
 
 def test_training_script_tokenises_every_split(model, tmp_path):

@@ -288,8 +288,9 @@ def test_train_outputs_load_and_report(tmp_path, digits):
     # the demo's figures, from the same folder
     write_figures(out, num_images=4)
     plot_training_curves(results, out / "codebook_usage.png")
-    sizes = {name: Image.open(out / f"{name}.png").size for name in ("reconstructions", "progressive")}
-    assert sizes == {"reconstructions": (4 * 17 + 1, 2 * 17 + 1), "progressive": (2 * 17 + 1, 5 * 17 + 1)}
+    for name, shape in {"reconstructions": (2, 4), "progressive": (5, 2)}.items():  # rows, columns; labelled
+        layout = json.loads(Image.open(out / f"{name}.png").text["layout"])  # (tests/test_visualize.py)
+        assert (layout["rows"], layout["columns"]) == shape
     assert Image.open(out / "codebook_usage.png").size == (1200, 432)
 
 

@@ -25,7 +25,7 @@ from .test_training import read_log, reset_accelerate_state, tiny_argv, train
 # the fixtures of test_training: the digits data set and a fresh accelerate state per run (autouse)
 digits, isolated_run = test_training.digits, test_training.isolated_run
 
-from common import DataConfig, RunError, TrainerState, list_checkpoints, save_checkpoint  # noqa: E402  (on sys.path)
+from common import DataConfig, RunError, TrainerState, list_checkpoints, run_folder, save_checkpoint  # noqa: E402
 
 
 def checkpoint_names(output_dir: Path) -> list[str]:
@@ -240,3 +240,23 @@ def test_push_uploads_the_output_folder_only(tmp_path, digits):
         "samples/step-0000003.png", "train_config.json", "train_log.jsonl",
     ]  # fmt: skip
     assert "modeling_qgvae.py" in files and b"# QG-VAE (8 tokens x 5 bits) trained on digits.npz" in files["README.md"]
+
+
+def test_the_demo_replaces_its_previous_run_and_refuses_other_folders(tmp_path, capsys):
+    from demo import clear_previous_run
+
+    out = tmp_path / "demo"
+    (out / "samples").mkdir(parents=True)
+    (out / "train_config.json").write_text("{}")
+    (run_folder(out) / "checkpoints" / "checkpoint-1000").mkdir(parents=True)
+    clear_previous_run(out)
+    assert not out.exists() and not run_folder(out).exists()
+    assert "replacing the previous run" in capsys.readouterr().out
+    clear_previous_run(out)  # nothing there: nothing to say
+    assert capsys.readouterr().out == ""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "mine.png").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="is not a training run's folder"):
+        clear_previous_run(other)
+    assert (other / "mine.png").is_file()

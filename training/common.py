@@ -38,7 +38,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from qg_tokenizer import QGVAEImageProcessor
 from qg_tokenizer.data import EMBEDDED_MNIST, RandomCropStream, load_image_dataset, load_photos, photo_crop_dataset
 from qg_tokenizer.metrics import psnr, ssim
-from qg_tokenizer.visualize import progressive_grid
+from qg_tokenizer.visualize import progressive_grid, save_grid
 
 ConfigT = TypeVar("ConfigT")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -794,7 +794,7 @@ def save_eval_grid(model, pixel_values: torch.Tensor, path: str | Path, accelera
     with accelerator.autocast():
         grid = progressive_grid(model, pixel_values, lengths=lengths[-1:] + lengths[:-1])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    save_grid(grid, path)  # labelled rows, also as PNG text chunks
     return grid
 
 

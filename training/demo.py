@@ -16,15 +16,17 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from common import run_folder
 from transformers import AutoImageProcessor, AutoModel
 
 from qg_tokenizer.data import EMBEDDED_MNIST, load_image_dataset
-from qg_tokenizer.visualize import image_grid, progressive_grid
+from qg_tokenizer.visualize import READABLE_WIDTH, image_grid, progressive_grid, save_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "training" / "train.py"
@@ -92,15 +94,30 @@ def plot_training_curves(results: dict, path: str | Path) -> None:
 
 @torch.no_grad()
 def write_figures(output_dir: str | Path, num_images: int = 16) -> None:
-    """Reconstruction and progressive-decoding grids of the first test digits, from the saved model folder."""
+    """Reconstruction and progressive-decoding grids of the first test digits, from the saved model folder, with
+    labelled rows and at least `READABLE_WIDTH` px wide."""
     output_dir = Path(output_dir)
     model = AutoModel.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     images = list(load_image_dataset(EMBEDDED_MNIST, "test").select(range(num_images))["image"])
     pixel_values = processor(images, return_tensors="pt")["pixel_values"]
     reconstruction = model.decode(model.encode(pixel_values).token_ids).pixel_values
-    image_grid([pixel_values, reconstruction]).save(output_dir / "reconstructions.png")
-    progressive_grid(model, pixel_values[: num_images // 2]).save(output_dir / "progressive.png")
+    labels = ["input", f"reconstruction ({model.config.bytes_per_image} bytes)"]
+    grid = image_grid([pixel_values, reconstruction], row_labels=labels, min_width=READABLE_WIDTH)
+    save_grid(grid, output_dir / "reconstructions.png")  # labelled rows, the labels also as PNG text chunks
+    save_grid(progressive_grid(model, pixel_values[: num_images // 2]), output_dir / "progressive.png")
+
+
+def clear_previous_run(output_dir: str | Path) -> None:
+    """`make demo` trains afresh every time: a previous run's output folder and run folder (its checkpoints, beside
+    it) are removed, with a note; a folder that holds something other than a training run is refused."""
+    output_dir, run_dir = Path(output_dir), run_folder(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "train_config.json").is_file():
+        raise SystemExit(f"error: {output_dir} exists and is not a training run's folder: pick another --output_dir")
+    if output_dir.exists() or run_dir.exists():
+        print(f"note: replacing the previous run in {output_dir}", flush=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="mnist-demo.yaml overrides")
     args = parser.parse_args(argv)
+    clear_previous_run(args.output_dir)
     results = run_training(args.output_dir, args.overrides)
     write_figures(args.output_dir)
     plot_training_curves(results, Path(args.output_dir) / "codebook_usage.png")
