@@ -403,7 +403,10 @@ def test_train_prior_script_on_tokens_and_on_the_fly(tmp_path, monkeypatch):
          "max_steps=2", "eval_every=1", "batch_size=4", "samples_per_class=3", "report_to=none", "model.hidden_size=16",
          "model.intermediate_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2"]
     )  # fmt: skip
-    assert PIL.Image.open(out / "samples" / "step-0000002.png").size == (3 * 17 + 1, 2 * 17 + 1)
+    grid = PIL.Image.open(out / "samples" / "step-0000002.png")
+    layout, labels = json.loads(grid.text["layout"]), json.loads(grid.text["row_labels"])
+    assert grid.width >= 640 and (layout["rows"], layout["columns"]) == (2, 3)
+    assert len(labels) == 2 and all(label.startswith("class ") for label in labels)
     pipe = QGVAEPipeline.from_pretrained(out / "pipeline")
     assert pipe.prior.config.codebook_size == 32 and len(pipe(pipe.get_label_ids(["x", "y"])).images) == 2
     with pytest.raises(train_prior.ConfigError, match=r"batch_size \(64 per process, 1 processes\) is larger"):

@@ -58,7 +58,7 @@ from common import (  # noqa: E402
 from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM, QGVAEPipeline  # noqa: E402
 from qg_tokenizer.data import load_image_splits  # noqa: E402
 from qg_tokenizer.tokenize import TOKEN_IDS_COLUMN, load_tokenizer, tokenize_dataset  # noqa: E402
-from qg_tokenizer.visualize import image_grid  # noqa: E402
+from qg_tokenizer.visualize import READABLE_WIDTH, image_grid, save_grid  # noqa: E402
 
 # PriorTrainConfig keys (dotted) a resumed run may change: they bound the run or shape its evaluations, samples, logs
 # and checkpoints, not the training itself (see `resumable_changes` for max_steps)
@@ -194,7 +194,8 @@ def evaluate_bits(prior: QGPriorForCausalLM, dataloader, accelerator) -> dict[st
 
 
 def save_sample_grid(pipe: QGVAEPipeline, cfg: PriorTrainConfig, path: Path) -> None:
-    """PNG with one row of `samples_per_class` samples per class (one row when unconditional)."""
+    """PNG with one row of `samples_per_class` samples per class (one row when unconditional), each row labelled with
+    its class name, readable size, the labels also as PNG text chunks."""
     num_classes = pipe.prior.config.num_classes
     guided = num_classes > 0 and pipe.prior.config.class_dropout_prob > 0
     images = pipe(
@@ -205,7 +206,9 @@ def save_sample_grid(pipe: QGVAEPipeline, cfg: PriorTrainConfig, path: Path) -> 
         output_type="pt",
     ).images
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(list(images.split(cfg.samples_per_class))).save(path)
+    names = pipe.prior.config.class_names if num_classes else ["unconditional"]
+    rows = list(images.split(cfg.samples_per_class))
+    save_grid(image_grid(rows, row_labels=[f"class {name}" for name in names], min_width=READABLE_WIDTH), path)
 
 
 def resumable_changes(cfg: PriorTrainConfig) -> frozenset[str]:
