@@ -15,7 +15,8 @@ over the training time, EMA of the weights, data-dependent codebook initialisati
 each one-at-a-time change of `VARIANTS` for the same short time on photo_set, scored on crops of training photos held
 out of the stream; `select_changes` keeps an addition only if removing it loses validation PSNR and takes an
 alternative only if it gains (the same sweep for both models). The stages resume: a finished run (its folder holds
-`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint.
+`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint, and a folder
+whose run had another config is deleted (with a note) and trained again (`common.reusable_run`).
 
 `analyse` reads the runs and writes `benchmarks/results/converged.json`, figures under `benchmarks/results/figures/`
 (`converged_<data>_training.png`, `converged_<data>_progressive.png`, `converged_<data>_rate_distortion.png`) and, with
@@ -37,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
 
 from bench_model import count_flops  # noqa: E402
+from common import reusable_run  # noqa: E402
 from demo import REPO_ROOT, run_training  # noqa: E402
 from image_codecs import jpeg_webp_at_budget, to_tensor  # noqa: E402
 from rate_distortion import analyse_model, best_fitting, codec_rows, paired_difference, psnr_at_time  # noqa: E402
@@ -181,11 +182,9 @@ def train_run(config: dict, workdir: Path) -> dict:
     """Train (or resume, or reuse) the run of one `training/train.py` config; returns its `results.json`."""
     folder = Path(config["output_dir"])
     config_path, results_path = workdir / "configs" / f"{folder.name}.yaml", folder / "results.json"
-    same = config_path.is_file() and yaml.safe_load(config_path.read_text()) == config
-    if results_path.is_file() and same:
-        return json.loads(results_path.read_text())
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config))
+    results = reusable_run(folder, config_path, config)  # writes `config_path`, the config train.py reads
+    if results is not None:
+        return results
     start = time.perf_counter()
     log = workdir / f"{folder.name}.{int(time.time())}.log"
     results = run_training(folder, ["--resume", "latest"], config=config_path, num_threads=1, log_file=log)

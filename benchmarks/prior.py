@@ -17,9 +17,12 @@
 4. (c) Sampling speed (images/s, whole batches of `--speed-batch` images) with the KV cache versus without, timed
    alternately.
 
-Everything goes to `--workdir` (default outputs/bench-prior; existing tokenizers, tokens and priors there are
-reused); the numbers go to benchmarks/results/prior.json and a markdown table to stdout; `--update-readme` rewrites
-README.md's generation block from that JSON (`render_prior`).
+Everything goes to `--workdir` (default outputs/bench-prior). Tokenizers and priors trained there are reused when
+their run finished with the same settings (recorded in `configs/`), go on from their newest checkpoint when it was
+interrupted, and are deleted (with a note) and trained again when it had other settings (`common.reusable_run`); the
+tokens of a tokenizer trained again are made again, and its priors trained again. The numbers go to
+benchmarks/results/prior.json and a markdown table to stdout; `--update-readme` rewrites README.md's generation block
+from that JSON (`render_prior`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -38,13 +42,15 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
 
-from demo import TRAIN_PRIOR_SCRIPT, run_training  # noqa: E402
+from common import reusable_run  # noqa: E402
+from demo import DEMO_CONFIG, TRAIN_PRIOR_SCRIPT, run_training  # noqa: E402
 from readme_blocks import replace_block  # noqa: E402
 
 from qg_tokenizer import PATCH_VQVAE_PRESETS, QGPriorForCausalLM, QGVAEPipeline  # noqa: E402
@@ -52,6 +58,7 @@ from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH, load_embedded_mnist  
 from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PRIOR_CONFIG = REPO / "training" / "configs" / "prior-mnist.yaml"
 README_START, README_END = "<!-- prior:start -->", "<!-- prior:end -->"
 TARGET_ACCURACY = 0.8
 NAMES = {"qgvae": "QG-VAE", "patch": "patch VQ-VAE"}
@@ -128,16 +135,23 @@ def classifier_fid(classifier: DigitClassifier, real: torch.Tensor, fake: torch.
     return fid.compute().item()
 
 
-def train_tokenizer(name: str, output_dir: Path, steps: int) -> None:
-    """Train the QG-VAE (`mnist-demo` config) or the patch VQ-VAE (`mnist-cpu` preset) with training/train.py."""
+def tokenizer_run(name: str, steps: int) -> tuple[Path | None, list[str]]:
+    """The training/train.py config file and overrides of the QG-VAE (`mnist-demo` config) or the patch VQ-VAE
+    (`mnist-cpu` preset)."""
     common = [f"max_steps={steps}", "max_train_time=null", "report_to=none"]
     if name == "qgvae":
-        run_training(output_dir, common)  # the mnist-demo config
-    else:  # TrainConfig defaults (lr 2e-4), the patch model's mnist-cpu preset
-        model = ["model.model_type=patch_vqvae"] + [
-            f"model.{key}={json.dumps(value)}" for key, value in PATCH_VQVAE_PRESETS["mnist-cpu"].items()
-        ]
-        run_training(output_dir, [*model, *common, "batch_size=32", "eval_every=500", "max_eval_samples=500"], None)
+        return DEMO_CONFIG, common
+    # TrainConfig defaults (lr 2e-4), the patch model's mnist-cpu preset
+    model = ["model.model_type=patch_vqvae"] + [
+        f"model.{key}={json.dumps(value)}" for key, value in PATCH_VQVAE_PRESETS["mnist-cpu"].items()
+    ]
+    return None, [*model, *common, "batch_size=32", "eval_every=500", "max_eval_samples=500"]
+
+
+def run_record(config: Path | None, overrides: list[str], **inputs) -> dict:
+    """What a run of `config` and `overrides` is, for `reusable_run`: the config file's keys, the overrides and the
+    `inputs` it was trained from (the record of the tokenizer a prior's tokens came from)."""
+    return {"config": yaml.safe_load(config.read_text()) if config else None, "overrides": overrides, **inputs}
 
 
 @torch.no_grad()
@@ -278,13 +292,22 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     train_images, train_labels, test_images, test_labels = mnist_tensors()
 
-    tokenizers = {}
+    tokenizers, tokenizer_records = {}, {}
     for name, given in (("qgvae", args.qgvae), ("patch", args.patch)):
         path = given or args.workdir / f"tokenizer-{name}"
-        if not (path / "config.json").is_file():
-            train_tokenizer(name, path, args.tokenizer_steps)
-        tokenizers[name] = path
         tokens = args.workdir / f"tokens-{name}"
+        if given is not None:  # used as it is: never trained, resumed or deleted here
+            if not (given / "results.json").is_file():
+                raise SystemExit(f"--{name}: {given} is not a folder trained by training/train.py (no results.json)")
+            tokenizer_records[name] = None  # its path is in the prior's overrides
+        else:
+            config, overrides = tokenizer_run(name, args.tokenizer_steps)
+            tokenizer_records[name] = run_record(config, overrides)
+            record = args.workdir / "configs" / f"{path.name}.yaml"
+            if reusable_run(path, record, tokenizer_records[name]) is None:
+                shutil.rmtree(tokens, ignore_errors=True)  # made by the tokenizer this run replaces, if any
+                run_training(path, [*overrides, "--resume", "latest"], config)
+        tokenizers[name] = path
         if not (tokens / "dataset_dict.json").is_file():
             tokenize_dataset(load_embedded_mnist(), *load_tokenizer(path), keep_columns=["label"]).save_to_disk(tokens)
 
@@ -301,15 +324,17 @@ def main(argv: list[str] | None = None) -> None:
     def train(key: tuple[str, str]) -> dict:
         name, layout = key
         run = args.workdir / f"prior-{name}-{layout}"
-        if not (run / "results.json").is_file():
-            overrides = [
-                f"tokens={args.workdir / f'tokens-{name}'}", f"tokenizer={tokenizers[name]}",
-                f"model.vocab_layout={layout}", f"max_steps={args.prior_steps}", "max_train_time=null",
-                "report_to=none", *args.prior_overrides,
-            ]  # fmt: skip
-            run_training(run, overrides, REPO / "training" / "configs" / "prior-mnist.yaml", num_threads=1,
-                         log_file=args.workdir / f"prior-{name}-{layout}.log", script=TRAIN_PRIOR_SCRIPT)  # fmt: skip
-        return json.loads((run / "results.json").read_text())
+        overrides = [
+            f"tokens={args.workdir / f'tokens-{name}'}", f"tokenizer={tokenizers[name]}",
+            f"model.vocab_layout={layout}", f"max_steps={args.prior_steps}", "max_train_time=null",
+            "report_to=none", *args.prior_overrides,
+        ]  # fmt: skip
+        record = run_record(PRIOR_CONFIG, overrides, tokenizer=tokenizer_records[name])
+        results = reusable_run(run, args.workdir / "configs" / f"{run.name}.yaml", record)
+        if results is None:
+            results = run_training(run, [*overrides, "--resume", "latest"], PRIOR_CONFIG, num_threads=1,
+                                   log_file=args.workdir / f"{run.name}.log", script=TRAIN_PRIOR_SCRIPT)  # fmt: skip
+        return results
 
     keys = [(name, layout) for name in tokenizers for layout in args.layouts]
     with ThreadPoolExecutor(args.jobs) as pool:

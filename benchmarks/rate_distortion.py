@@ -7,8 +7,9 @@ presets; the `mnist-demo` recipe for both: commitment 0.1, reset every 50 steps,
 1. the embedded MNIST (16 tokens x 9 bits = 18 bytes; test: the last 1,000 digits) and
 2. `../shared/data/photo_patches32.npz` (64 tokens x 9 bits = 72 bytes, the paper's CIFAR budget; test: 514 patches).
 
-Stages (a run whose folder already holds `results.json` for the same config is reused, so an interrupted benchmark
-resumes):
+Stages (a run whose folder already holds `results.json` for the same config is reused, an interrupted one goes on
+from its newest checkpoint, and a folder whose run had another config is deleted with a note and trained again:
+`common.reusable_run`; so an interrupted benchmark resumes):
 - sweep (full mode, MNIST): both models at learning rates 3e-4, 1e-3, 3e-3 (batch 32) and batch 16 (lr 1e-3), each
   for the same training time, scored on a validation split (the last 900 of the 9,000 training digits, held out of
   training); each model then uses its own best setting everywhere.
@@ -47,12 +48,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # demo.run_training
 
+from common import reusable_run  # noqa: E402
 from demo import run_training  # noqa: E402
 from image_codecs import DEFAULT_PHOTOS, jpeg_webp_at_budget, to_tensor  # noqa: E402
 from readme_blocks import replace_block  # noqa: E402
@@ -175,17 +176,18 @@ class Run:
 
 def train_all(runs: list[Run], workdir: Path, jobs: int) -> dict[str, dict]:
     """Train every run (`jobs` at a time, one thread each); returns name -> `results.json` (reused when the run's
-    folder already holds results for the same config)."""
+    folder already holds results for the same config, see `common.reusable_run`)."""
 
     def train(run: Run) -> dict:
         config, folder = run.train_config(workdir), workdir / run.name
         config_path, results_path = workdir / "configs" / f"{run.name}.yaml", folder / "results.json"
-        if results_path.is_file() and config_path.is_file() and yaml.safe_load(config_path.read_text()) == config:
-            return json.loads(results_path.read_text())  # reused: its `process_seconds` are from when it ran
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(config))
+        results = reusable_run(folder, config_path, config)  # writes `config_path`, the config train.py reads
+        if results is not None:
+            return results  # reused: its `process_seconds` are from when it ran
         start = time.perf_counter()
-        results = run_training(folder, config=config_path, num_threads=1, log_file=workdir / f"{run.name}.log")
+        results = run_training(
+            folder, ["--resume", "latest"], config=config_path, num_threads=1, log_file=workdir / f"{run.name}.log"
+        )
         results["process_seconds"] = time.perf_counter() - start  # start-up, training, evaluations and saving
         results_path.write_text(json.dumps(results, indent=2))
         print(f"  {run.name}: {results['step']} steps, test PSNR {results['eval']['psnr']:.2f} dB "

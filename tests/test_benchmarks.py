@@ -1,5 +1,6 @@
 """The equal-bytes benchmark's bookkeeping: its generated training configs, interpolation, claim verdicts, and the
-README results block, which must be exactly what the committed results JSON renders to."""
+README results block, which must be exactly what the committed results JSON renders to; and how the benchmarks rerun
+their trainings (`common.reusable_run`)."""
 
 import copy
 import json
@@ -8,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
+from filelock import FileLock
 
 from qg_tokenizer import PatchVQVAEConfig, QGVAEConfig
 
@@ -15,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "training"))
 
+import converged  # noqa: E402
 import rate_distortion as rd  # noqa: E402
-from common import build_model_config  # noqa: E402
+from common import RunError, build_model_config, list_checkpoints, reusable_run, run_folder  # noqa: E402
 
 
 @pytest.mark.parametrize("dataset", list(rd.DATASETS))
@@ -183,3 +187,86 @@ def test_replace_block_rewrites_only_the_marked_block(tmp_path):
     with pytest.raises(ValueError, match="has no <!-- y:start --> ... <!-- y:end --> block"):
         replace_block("<!-- y:start --><!-- y:end -->", "<!-- y:start -->", "<!-- y:end -->", readme)
     assert readme.read_text() == "intro\n<!-- x:start -->\nnew\n<!-- x:end -->\noutro\n"  # left untouched
+
+
+# ------------------------------------------------------------------------------------------------------ reruns
+def fake_run(output_dir: Path, step: int | None = None, finished: bool = False) -> None:
+    """A folder as train.py leaves it, without training: a checkpoint in its run folder, `results.json` once done."""
+    output_dir.mkdir(parents=True)
+    if step is not None:
+        (run_folder(output_dir) / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    if finished:
+        (output_dir / "results.json").write_text(json.dumps({"step": 9}))
+
+
+def checkpoint_names(output_dir: Path) -> list[str]:
+    return [p.name for p in list_checkpoints(run_folder(output_dir))]
+
+
+def test_reruns_reuse_a_finished_run_resume_an_interrupted_one_and_clear_another_configs(tmp_path, capsys):
+    out, record = tmp_path / "run", tmp_path / "configs" / "run.yaml"
+    config, other = {"seed": 0, "model": {"num_tokens": 16}}, {"seed": 1, "model": {"num_tokens": 16}}
+    assert reusable_run(out, record, config) is None and yaml.safe_load(record.read_text()) == config
+    fake_run(out, step=5)  # interrupted: kept for --resume latest
+    assert reusable_run(out, record, config) is None and checkpoint_names(out) == ["checkpoint-5"]
+    (out / "results.json").write_text(json.dumps({"step": 9}))
+    assert reusable_run(out, record, config) == {"step": 9}  # finished: reused
+    assert capsys.readouterr().out == ""
+
+    # another config: the output and run folders go, with a note, and the record holds the new config
+    assert reusable_run(out, record, other) is None
+    assert not out.exists() and not run_folder(out).exists() and yaml.safe_load(record.read_text()) == other
+    assert capsys.readouterr().out == (
+        f"note: deleting {out} and {run_folder(out)}: they hold a run of another config than {record}\n"
+    )
+    # so do a run whose config was not recorded, and an interrupted run in the layout of older versions
+    fake_run(out, step=5, finished=True)
+    record.unlink()
+    assert reusable_run(out, record, other) is None and not out.exists() and not run_folder(out).exists()
+    assert f"they hold a run of a config not recorded in {record}" in capsys.readouterr().out
+    (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    assert reusable_run(out, record, other) is None and not out.exists()
+    assert "they hold checkpoints in the layout of an older version" in capsys.readouterr().out
+
+    # never the folders of a run still going
+    fake_run(out, step=5)
+    with FileLock(run_folder(out) / "train.lock", timeout=0):
+        with pytest.raises(RunError, match=r"holds a run of another config than .*, and that run is still going"):
+            reusable_run(out, record, config)
+    assert checkpoint_names(out) == ["checkpoint-5"] and yaml.safe_load(record.read_text()) == other
+
+
+def converged_run(workdir: Path, seed: int) -> tuple[Path, dict]:
+    config = converged.train_config(converged.BENCHMARKS["mnist"], "qgvae", workdir) | {"seed": seed}
+    return Path(config["output_dir"]), converged.train_run(config, workdir)
+
+
+def rate_distortion_run(workdir: Path, seed: int) -> tuple[Path, dict]:
+    run = rd.Run("mnist-qgvae", "mnist", "qgvae", seed, 1e-3, 32, 10, 5, 100)
+    return workdir / run.name, rd.train_all([run], workdir, jobs=1)[run.name]
+
+
+@pytest.mark.parametrize("train", [converged_run, rate_distortion_run])
+def test_benchmarks_resume_their_own_runs_and_clear_another_configs(train, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_training(output_dir, overrides, config, num_threads, log_file):
+        """Records what train.py would have been asked and found, and finishes at once."""
+        seed = yaml.safe_load(Path(config).read_text())["seed"]
+        calls.append((overrides, seed, checkpoint_names(output_dir)))
+        output_dir.mkdir(exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps({"step": 9, "eval": {"psnr": 20.0}}))
+        return {"step": 9, "eval": {"psnr": 20.0}}
+
+    module = converged if train is converged_run else rd
+    monkeypatch.setattr(module, "run_training", fake_training)
+    folder, results = train(tmp_path, seed=0)
+    assert calls == [(["--resume", "latest"], 0, [])] and results["step"] == 9
+    assert train(tmp_path, seed=0)[1]["process_seconds"] >= 0 and len(calls) == 1  # finished: reused
+    (folder / "results.json").unlink()
+    (run_folder(folder) / "checkpoints" / "checkpoint-4").mkdir(parents=True)  # interrupted: resumed
+    train(tmp_path, seed=0)
+    assert calls[-1] == (["--resume", "latest"], 0, ["checkpoint-4"])
+    (folder / "results.json").unlink()
+    train(tmp_path, seed=1)  # another config: cleared first, then trained afresh
+    assert calls[-1] == (["--resume", "latest"], 1, []) and "note: deleting" in capsys.readouterr().out

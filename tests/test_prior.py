@@ -366,12 +366,26 @@ def test_train_prior_script_on_tokens_and_on_the_fly(tmp_path, monkeypatch):
     loaded = QGPriorForCausalLM.from_pretrained(out)
     assert torch.equal(loaded.generate_image_tokens([1], generator=torch.Generator().manual_seed(0), top_k=1)[0],
                        torch.as_tensor(token_ids[labels == 1][0]))  # fmt: skip
+    # the run's checkpoints are beside the output folder, the trainer state and config as JSON, nothing pickled
+    checkpoint = tmp_path / "run-training" / "checkpoints" / "checkpoint-20"
+    assert list(checkpoint.parent.iterdir()) == [checkpoint] and not (out / "checkpoints").exists()
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert manifest["trainer_state"]["step"] == 20 and manifest["train_config"]["max_steps"] == 30
+    assert [h["step"] for h in manifest["trainer_state"]["history"]] == [10, 20]
+    assert not list(checkpoint.glob("custom_checkpoint_*"))
+    # as train.py: a fresh run refuses the folder, a resume with another config is refused
+    from common import RunError  # on sys.path since the script was loaded
+
+    with pytest.raises(RunError, match="run-training/checkpoints holds checkpoints of an earlier run"):
+        train_prior.main([*tokens, f"output_dir={out}", *common])
+    with pytest.raises(RunError, match=r"written by a different run \(learning_rate: 0.02 -> 0.01\)"):
+        train_prior.main([*tokens, f"output_dir={out}", *common, "learning_rate=0.01", "--resume", "latest"])
     # resuming from the step-20 checkpoint ends with the same weights as the uninterrupted run
-    (out / "checkpoints" / "checkpoint-20").rename(tmp_path / "checkpoint-20")
-    resumed = train_prior.main(
-        [*tokens, f"output_dir={tmp_path / 'resumed'}", *common, "--resume", str(tmp_path / "checkpoint-20")]
-    )
+    resumed = train_prior.main([*tokens, f"output_dir={tmp_path / 'resumed'}", *common, "--resume", str(checkpoint)])
     torch.testing.assert_close(resumed.state_dict(), prior.state_dict())
+    history = json.loads((tmp_path / "resumed" / "results.json").read_text())["history"]
+    assert len(history) == 3 and history[:2] == results["history"][:2]  # steps 10 and 20 came from the checkpoint
+    assert history[2] | {"train_time": 0} == results["history"][2] | {"train_time": 0}
 
     # on the fly: tokenise a small labelled image set with a tokenizer checkpoint; samples and a pipeline come out
     torch.manual_seed(0)
@@ -389,7 +403,10 @@ def test_train_prior_script_on_tokens_and_on_the_fly(tmp_path, monkeypatch):
          "max_steps=2", "eval_every=1", "batch_size=4", "samples_per_class=3", "report_to=none", "model.hidden_size=16",
          "model.intermediate_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2"]
     )  # fmt: skip
-    assert PIL.Image.open(out / "samples" / "step-0000002.png").size == (3 * 17 + 1, 2 * 17 + 1)
+    grid = PIL.Image.open(out / "samples" / "step-0000002.png")
+    layout, labels = json.loads(grid.text["layout"]), json.loads(grid.text["row_labels"])
+    assert grid.width >= 640 and (layout["rows"], layout["columns"]) == (2, 3)
+    assert len(labels) == 2 and all(label.startswith("class ") for label in labels)
     pipe = QGVAEPipeline.from_pretrained(out / "pipeline")
     assert pipe.prior.config.codebook_size == 32 and len(pipe(pipe.get_label_ids(["x", "y"])).images) == 2
     with pytest.raises(train_prior.ConfigError, match=r"batch_size \(64 per process, 1 processes\) is larger"):

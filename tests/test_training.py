@@ -13,11 +13,14 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from datasets import Dataset, DatasetDict, IterableDataset
+from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoModel
 
 from qg_tokenizer import QGVAEConfig, QGVAEModel
+from qg_tokenizer.cli import model_info
 from qg_tokenizer.data import MNIST_PATH, load_image_dataset
+from qg_tokenizer.metrics import usage_summary
 from qg_tokenizer.modeling_qggan import (
     QGGANDiscriminator,
     adaptive_gan_weight,
@@ -150,7 +153,8 @@ def test_shipped_configs_parse_and_build(name):
 def test_config_errors_stop_before_training(tmp_path, digits, extra, message):
     with pytest.raises((ConfigError, ImportError), match=message):
         train.main(tiny_argv(tmp_path / "out", digits, *extra))
-    assert not (tmp_path / "out" / "train_log.jsonl").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "train_log.jsonl").exists()
+    assert not (tmp_path / "out-training" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -225,7 +229,7 @@ def test_train_resume_matches_straight_run(tmp_path, digits):
     straight = train.main(tiny_argv(tmp_path / "straight", digits, *common))
     reset_accelerate_state()
     train.main(tiny_argv(tmp_path / "split", digits, *common, "max_steps=4"))  # stops at step 4 ...
-    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["checkpoint-4"]
+    assert [p.name for p in (tmp_path / "split-training" / "checkpoints").iterdir()] == ["checkpoint-4"]
     reset_accelerate_state()
     resumed = train.main(tiny_argv(tmp_path / "split", digits, *common, "--resume", "latest"))  # ... and goes on
 
@@ -241,30 +245,53 @@ def test_train_resume_matches_straight_run(tmp_path, digits):
 
 
 def test_train_outputs_load_and_report(tmp_path, digits):
-    train.main(tiny_argv(tmp_path, digits, "checkpoints_total_limit=1"))
-    model = AutoModel.from_pretrained(tmp_path)
+    out = tmp_path / "out"
+    train.main(tiny_argv(out, digits, "checkpoints_total_limit=1"))
+    model = AutoModel.from_pretrained(out)
     assert isinstance(model, QGVAEModel) and model.config.num_tokens == TINY["num_tokens"]
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-6"]  # checkpoint-3 was pruned
-    results = json.loads((tmp_path / "results.json").read_text())
+    # checkpoints and tensorboard logs are beside the output folder, which holds what goes to the hub
+    assert [p.name for p in (tmp_path / "out-training" / "checkpoints").iterdir()] == ["checkpoint-6"]  # 3 pruned
+    assert not (out / "checkpoints").exists() and not (out / "logs").exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".py")) == [
+        "README.md", "config.json", "model.safetensors", "preprocessor_config.json", "results.json", "samples",
+        "train_config.json", "train_log.jsonl",
+    ]  # fmt: skip
+    umask = os.umask(0o077)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors writes 0o600 on its own
+    results = json.loads((out / "results.json").read_text())
     assert results["step"] == 6 and results["bytes_per_image"] == 5  # 8 tokens x log2(32) bits
     assert results["eval"]["num_images"] == 8 and set(results["eval"]) >= {"psnr", "ssim", "psnr_k1", "psnr_k2"}
     assert 5 < results["eval"]["psnr"] < 40 and 0 < results["eval"]["ssim"] <= 1
     usage = results["train_set_usage"]
     assert usage["num_images"] == 64 and len(usage["used_fraction_per_token"]) == TINY["num_tokens"]
     assert min(usage["used_fraction_per_token"]) == usage["usage_min"] > 0
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
-    card = (tmp_path / "README.md").read_text()
+    # the saved model keeps the final usage count over the training set (`qg-tokenizer info` reports it)
+    counts = model.quantizer.usage_counts
+    assert counts.sum() == 64 * TINY["num_tokens"] and usage_summary(counts) == pytest.approx(
+        {k: usage[k] for k in ("usage_mean", "usage_min", "perplexity_mean", "dead_codewords")}
+    )
+    assert model_info(model)["codebook_usage"]["used_fraction_min"] == pytest.approx(usage["usage_min"])
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    card = (out / "README.md").read_text()
+    assert "\n# QG-VAE (8 tokens x 5 bits) trained on digits.npz\n" in card
     assert "**5 bytes\nper image**" in card and f"| PSNR | {results['eval']['psnr']:.2f} |" in card
-    steps = [entry["step"] for entry in read_log(tmp_path)]
+    assert "6 optimizer steps" in card
+    metadata = ModelCard(card).data.to_dict()
+    assert metadata["model-index"][0]["name"] == "QG-VAE (8 tokens x 5 bits) trained on digits.npz"
+    metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"psnr": round(results["eval"]["psnr"], 4), "ssim": round(results["eval"]["ssim"], 4)}
+    steps = [entry["step"] for entry in read_log(out)]
     assert steps == [1, 2, 3, 4, 5, 6]
 
     # the demo's figures, from the same folder
-    write_figures(tmp_path, num_images=4)
-    plot_training_curves(results, tmp_path / "codebook_usage.png")
+    write_figures(out, num_images=4)
+    plot_training_curves(results, out / "codebook_usage.png")
     for name, shape in {"reconstructions": (2, 4), "progressive": (5, 2)}.items():  # rows, columns; labelled
-        layout = json.loads(Image.open(tmp_path / f"{name}.png").text["layout"])  # (tests/test_visualize.py)
+        layout = json.loads(Image.open(out / f"{name}.png").text["layout"])  # (tests/test_visualize.py)
         assert (layout["rows"], layout["columns"]) == shape
-    assert Image.open(tmp_path / "codebook_usage.png").size == (1200, 432)
+    assert Image.open(out / "codebook_usage.png").size == (1200, 432)
 
 
 def test_bf16_run(tmp_path, digits):

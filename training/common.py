@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import inspect
+import json
+import os
 import re
 import shutil
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +24,13 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, load
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
+from filelock import FileLock, Timeout
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -33,15 +38,25 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from qg_tokenizer import QGVAEImageProcessor
 from qg_tokenizer.data import EMBEDDED_MNIST, RandomCropStream, load_image_dataset, load_photos, photo_crop_dataset
 from qg_tokenizer.metrics import psnr, ssim
-from qg_tokenizer.visualize import progressive_grid
+from qg_tokenizer.visualize import progressive_grid, save_grid
 
 ConfigT = TypeVar("ConfigT")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MANIFEST = "checkpoint.json"  # written last: the files and their digests, the trainer state, the config
+TEMP_SUFFIX = ".tmp"  # a checkpoint being written
+LOCK_FILE = "train.lock"
+# never uploaded from an output folder: checkpoints, optimizer/scheduler/random states, pickles, logs, the lock
+HUB_IGNORE_PATTERNS = ["checkpoints/*", "checkpoint-*", "logs/*", "*.lock", "*.pkl", "*.bin", "*.pt", "*.pth"]
 
 
 class ConfigError(ValueError):
     """An invalid training configuration; the message names the offending key."""
+
+
+class RunError(ValueError):
+    """A run that cannot go ahead as asked: its folder is in use or holds another run's checkpoints, or a checkpoint
+    is incomplete, damaged or from a different run; the message names the folder or file and the way out."""
 
 
 def parse_script_args(
@@ -50,17 +65,20 @@ def parse_script_args(
     """A training script's command line: `--config FILE`, `--resume`, `--push_to_hub REPO_ID`, `key=value` overrides."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"YAML file of {config_class.__name__} keys")
-    parser.add_argument("--resume", help="'latest' (newest checkpoint in output_dir, if any) or a checkpoint folder")
+    parser.add_argument(
+        "--resume", help="'latest' (the newest checkpoint of the run writing output_dir, if any) or a checkpoint folder"
+    )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help=f"upload the trained {artefact} folder to this repo")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
     return parser.parse_args(argv)
 
 
 def run_script(main: Callable[[], object]) -> None:
-    """Run a training script's `main()`; an invalid configuration ends it with one `error: ...` line, no traceback."""
+    """Run a training script's `main()`; an invalid configuration or a run that cannot go ahead ends it with one
+    `error: ...` line, no traceback."""
     try:
         main()
-    except ConfigError as err:
+    except (ConfigError, RunError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -223,7 +241,7 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------- accelerate set-up
 def setup_accelerator(
-    output_dir: str | Path,
+    project_dir: str | Path,
     mixed_precision: str | None,
     gradient_accumulation_steps: int,
     report_to: str,
@@ -231,8 +249,9 @@ def setup_accelerator(
 ) -> Accelerator:
     """An `Accelerator` for codebook models: DDP without buffer broadcast, seedable data order, fixed accumulation.
 
-    `mixed_precision=None` keeps the choice of `accelerate launch` / `accelerate config`. DDP must not broadcast
-    buffers: the quantiser's `usage_counts` and `reset_statistic` are per-process sums that the trainer all-reduces.
+    Tensorboard writes to `project_dir/logs`. `mixed_precision=None` keeps the choice of `accelerate launch` /
+    `accelerate config`. DDP must not broadcast buffers: the quantiser's `usage_counts` and `reset_statistic` are
+    per-process sums that the trainer all-reduces.
     """
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -240,7 +259,7 @@ def setup_accelerator(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         ),
         log_with=None if report_to == "none" else report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
@@ -305,42 +324,327 @@ class TrainingClock:
 
 
 def push_output_dir(output_dir: str | Path, repo_id: str, commit_message: str) -> None:
-    """Upload a finished run's folder (without `checkpoints/` and `logs/`) to the hub repo `repo_id`."""
+    """Upload a finished run's folder to the hub repo `repo_id`: never checkpoints, optimizer or trainer state,
+    pickles, logs or the lock (`HUB_IGNORE_PATTERNS`, also for folders laid out by older versions)."""
     create_repo(repo_id, exist_ok=True)
     upload_folder(
-        repo_id=repo_id, folder_path=output_dir, ignore_patterns=["checkpoints/*", "logs/*"],
-        commit_message=commit_message,
-    )  # fmt: skip
+        repo_id=repo_id, folder_path=output_dir, ignore_patterns=HUB_IGNORE_PATTERNS, commit_message=commit_message
+    )
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """`output_dir/checkpoints/checkpoint-<step>` folders, oldest first."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+def respect_umask(folder: str | Path) -> None:
+    """Give the `.safetensors` files of `folder` the mode of an ordinary new file (0o666 less the umask, 0o644
+    typically): safetensors >= 0.8 writes through a temporary file created 0o600 (safetensors issue #782)."""
+    umask = os.umask(0o077)  # reading the umask sets it: put it back at once
+    os.umask(umask)
+    for path in Path(folder).rglob("*.safetensors"):
+        path.chmod(0o666 & ~umask)
 
 
-def resolve_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
-    """The checkpoint `--resume` names: `latest` (None when there is none yet) or a checkpoint folder."""
+def run_folder(output_dir: str | Path) -> Path:
+    """`<output_dir>-training`, beside the output folder: the run's checkpoints, tensorboard logs and lock file, so that
+    the output folder holds only what goes to the hub."""
+    output_dir = Path(output_dir).resolve()
+    return output_dir.with_name(output_dir.name + "-training")
+
+
+@contextmanager
+def locked_run_folder(folder: str | Path, accelerator: Accelerator) -> Iterator[None]:
+    """Hold `folder/train.lock` (on the main process) while the run lasts: a second run on the same folder stops at
+    once with a [`RunError`] instead of interleaving its checkpoints and logs with the first one's.
+
+    An OS file lock (`filelock`: `flock` on POSIX), released when the run ends, fails or is killed; the empty lock
+    file stays.
+    """
+    if not accelerator.is_main_process:
+        yield
+        return
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(
+            f"{folder} is in use by another run (it holds the lock {path}): wait for that run to end, or choose "
+            "another output_dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def refuse_old_layout(output_dir: str | Path) -> None:
+    """Refuse an output folder that holds checkpoints in the layout of older versions (`output_dir/checkpoints/`,
+    the trainer state pickled by `register_for_checkpointing`), which are never resumed: a [`RunError`] names it."""
+    if list_checkpoints(output_dir):
+        raise RunError(
+            f"{Path(output_dir) / 'checkpoints'} holds checkpoints in the layout of an older version, which this one "
+            f"does not resume (they keep the trainer state as a pickle): move or delete that folder (checkpoints now "
+            f"go to {run_folder(output_dir) / 'checkpoints'})"
+        )
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """`run_dir/checkpoints/checkpoint-<step>` folders, oldest first (not the `.tmp` folders of unfinished writes)."""
+    found = [p for p in (Path(run_dir) / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int | None:
+    number = path.name[len(CHECKPOINT_PREFIX) :]
+    return int(number) if path.name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
+
+
+def resolve_checkpoint(run_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint `--resume` names, verified whole (see [`verify_checkpoint`]); None to start afresh.
+
+    `resume` is None (a fresh run: refused while `run_dir` holds checkpoints, whose rotation and `--resume latest`
+    would mix with the new run's), `"latest"` (the newest checkpoint, None when there is none yet) or a checkpoint
+    folder (refused while `run_dir` holds a checkpoint as new or newer, which `--resume latest` would later take for
+    this run's).
+    """
+    found = list_checkpoints(run_dir)
     if resume is None:
+        if found:
+            raise RunError(
+                f"{Path(run_dir) / 'checkpoints'} holds checkpoints of an earlier run (the newest: {found[-1].name}): "
+                "continue that run with --resume latest, or start the new one with another output_dir (or delete "
+                "that folder)"
+            )
         return None
     if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    if not (Path(resume) / "custom_checkpoint_0.pkl").is_file():
-        raise ConfigError(f"--resume must be 'latest' or a checkpoint folder written by save_state, got {resume!r}")
-    return Path(resume)
+        return verify_checkpoint(found[-1]) if found else None
+    path = Path(resume)
+    if _step_of(path) is None or not path.is_dir():
+        raise ConfigError(f"--resume must be 'latest' or a {CHECKPOINT_PREFIX}<step> folder, got {resume!r}")
+    newer = [p.name for p in found if _step_of(p) >= _step_of(path) and p.resolve() != path.resolve()]
+    if newer:
+        raise RunError(
+            f"--resume {resume}: {Path(run_dir) / 'checkpoints'} also holds {', '.join(newer)}, which --resume latest "
+            "would take for this run's later: move them away, or resume into another output_dir"
+        )
+    return verify_checkpoint(path)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """`accelerator.save_state` to `checkpoints/checkpoint-<step>`, keeping the newest `total_limit` checkpoints."""
-    path = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process and total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old)
+_WAY_OUT = "delete (or move away) that checkpoint, and --resume latest takes the one before it"
+
+
+def verify_checkpoint(path: Path) -> Path:
+    """`path`, after checking that its manifest lists every file it was written with, each whole and unchanged
+    (sizes and SHA-256); a [`RunError`] names what is missing or damaged."""
+    manifest = checkpoint_manifest(path)
+    for name, written in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise RunError(f"checkpoint {path} is damaged: {name} is missing; {_WAY_OUT}")
+        found = _file_digest(file)
+        if found != written:
+            raise RunError(
+                f"checkpoint {path} is damaged: {name} has {found['bytes']} bytes and SHA-256 {found['sha256'][:12]}, "
+                f"it was written with {written['bytes']} bytes and {written['sha256'][:12]}; {_WAY_OUT}"
+            )
+    return path
+
+
+def checkpoint_manifest(path: Path) -> dict:
+    """`path/checkpoint.json`: the step, the number of processes, the files and their digests, and (for scripts that
+    pass them to [`save_checkpoint`]) the trainer state and the training config."""
+    manifest = Path(path) / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        raise RunError(
+            f"{path} is not a complete checkpoint: it has no {CHECKPOINT_MANIFEST} (written by an older version of "
+            "the training scripts, or copied in part)"
+        )
+    try:
+        return json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"checkpoint {path} is damaged: {manifest.name} does not parse ({err})") from None
+
+
+def _file_digest(path: Path, sync: bool = False) -> dict:
+    """Size and SHA-256 of a file; `sync`: flush it to the disk first (a renamed checkpoint must survive a crash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if sync:
+            os.fsync(file.fileno())
+        while block := file.read(2**20):  # (hashlib.file_digest needs Python 3.11)
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_same_run(checkpoint: Path, config: dict, may_change: Collection[str]) -> None:
+    """Refuse to resume `checkpoint` with a `config` that differs from the one it was written with, other than in
+    the dotted keys `may_change` (the [`RunError`] lists the differences)."""
+    saved = checkpoint_manifest(checkpoint).get("train_config")
+    if saved is None:
+        raise RunError(f"checkpoint {checkpoint} does not record its training config, so it cannot be checked")
+    old, new = _flatten(saved), _flatten(config)
+    changed = [
+        f"{key}: {repr(old[key]) if key in old else 'unset'} -> {repr(new[key]) if key in new else 'unset'}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in may_change and (key in old, old.get(key)) != (key in new, new.get(key))
+    ]
+    if changed:
+        raise RunError(
+            f"--resume: {checkpoint} was written by a different run ({'; '.join(changed)}); only "
+            f"{', '.join(sorted(may_change))} may change when resuming: start the new run with another output_dir"
+        )
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def save_checkpoint(
+    accelerator: Accelerator, run_dir: str | Path, step: int, total_limit: int | None,
+    state: TrainerState | None = None, config: dict | None = None, modules: dict[str, torch.nn.Module] | None = None,
+) -> Path:  # fmt: skip
+    """`accelerator.save_state` (weights, optimizer, scheduler, random states) to
+    `run_dir/checkpoints/checkpoint-<step>`, plus `modules` as `<name>.safetensors` and `checkpoint.json` (the files
+    and their digests, `state` and `config` as JSON).
+
+    Written to `checkpoint-<step>.tmp` and renamed when complete (a rename is atomic), so a run killed while saving
+    leaves no `checkpoint-<step>` for `--resume latest` to pick. Then keeps the `total_limit` newest checkpoints up to
+    this one, by step number (never this one), and removes unfinished writes.
+    """
+    root = Path(run_dir) / "checkpoints"
+    path, temp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}{TEMP_SUFFIX}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temp))  # every process writes its random states
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, module in (modules or {}).items():
+            save_file(module.state_dict(), temp / f"{name}.safetensors")
+        manifest = {
+            "step": step, "num_processes": accelerator.num_processes,
+            "files": {p.name: _file_digest(p, sync=True) for p in sorted(temp.iterdir())},
+        }  # fmt: skip
+        if state is not None:
+            manifest["trainer_state"] = state.state_dict()
+        if config is not None:
+            manifest["train_config"] = config
+        with open(temp / CHECKPOINT_MANIFEST, "w") as file:
+            json.dump(manifest, file, indent=1)
+            file.flush()
+            os.fsync(file.fileno())
+        temp.rename(path)
+        for unfinished in root.glob(f"{CHECKPOINT_PREFIX}*{TEMP_SUFFIX}"):  # left by runs killed while saving
+            shutil.rmtree(unfinished)
+        if total_limit is not None:
+            older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+            for old in older[: max(len(older) - (total_limit - 1), 0)]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return path
+
+
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, state: TrainerState, modules: dict[str, torch.nn.Module] | None = None
+) -> None:
+    """Restore a checkpoint of [`save_checkpoint`] (verified by [`resolve_checkpoint`]): weights, optimizer and
+    scheduler (`accelerator.load_state`, all `torch.load`s with `weights_only=True`), the random states, `modules`
+    and `state` (from JSON). Nothing is unpickled beyond what `weights_only` allows; any part that cannot be restored
+    raises a [`RunError`] naming it."""
+    manifest = checkpoint_manifest(path)
+    if manifest["num_processes"] != accelerator.num_processes:
+        raise RunError(
+            f"checkpoint {path} was written by {manifest['num_processes']} process(es), this run has "
+            f"{accelerator.num_processes}: every process resumes its own random states and data"
+        )
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise RunError(
+            f"checkpoint {path} holds pickled objects ({', '.join(pickled)}), which are never loaded: unpickling can "
+            f"run arbitrary code (the trainer state belongs in {CHECKPOINT_MANIFEST})"
+        )
+    if "trainer_state" not in manifest:
+        raise RunError(f"checkpoint {path} does not record its trainer state in {CHECKPOINT_MANIFEST}")
+    # weights_only for the optimizer and scheduler whatever accelerate's default; the random states and the fp16
+    # scaler get its default (True), and torch >= 2.6 defaults to it too
+    try:
+        accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+    except Exception as err:  # torch, safetensors and accelerate each raise their own errors
+        raise RunError(f"cannot restore checkpoint {path}: {type(err).__name__}: {err}") from err
+    # accelerate only logs a random-state file it cannot load: check that this process's states were restored
+    random_states = path / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        restored = torch.equal(load(random_states, weights_only=True)["torch_manual_seed"], torch.get_rng_state())
+    except Exception as err:
+        raise RunError(
+            f"cannot restore the random states of checkpoint {path} from {random_states.name}: {err}"
+        ) from err
+    if not restored:
+        raise RunError(f"the random states of checkpoint {path} were not restored from {random_states.name}")
+    for name, module in (modules or {}).items():
+        try:
+            module.load_state_dict(load_file(path / f"{name}.safetensors", device=str(accelerator.device)))
+        except Exception as err:
+            raise RunError(f"cannot restore {name}.safetensors of checkpoint {path}: {err}") from err
+    state.load_state_dict(manifest["trainer_state"])
+
+
+def trim_log(path: str | Path, step: int) -> None:
+    """Keep the lines of a JSON-lines log up to `step` (a resumed run logs the later steps again) and drop a line a
+    killed run left half-written."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(kept))
+
+
+def reusable_run(output_dir: str | Path, record: str | Path, config: Any) -> dict | None:
+    """For scripts that rerun trainings (the benchmarks): the `results.json` of the run in `output_dir` if it finished
+    with `config`; else None, once `output_dir` is ready for the run of `config` with `--resume latest`.
+
+    `record` is a YAML file of the config (any YAML value) the run in `output_dir` was started with; `config` is
+    written there. A run of `config` that did not finish is kept, to go on from its newest checkpoint. A run of
+    another config, of one not recorded, or one that left checkpoints in the layout of older versions (which cannot be
+    resumed) has its output folder and run folder (see [`run_folder`]) deleted, with a printed note; a [`RunError`]
+    if that run still holds the run folder's lock.
+    """
+    output_dir, record, run_dir = Path(output_dir), Path(record), run_folder(output_dir)
+    same = record.is_file() and yaml.safe_load(record.read_text()) == config
+    if same and (output_dir / "results.json").is_file():
+        return json.loads((output_dir / "results.json").read_text())
+    if not same:
+        why = f"a run of {'another config than' if record.is_file() else 'a config not recorded in'} {record}"
+    elif list_checkpoints(output_dir):
+        why = "checkpoints in the layout of an older version, which cannot be resumed"
+    else:
+        why = None
+    if why is not None and (output_dir.exists() or run_dir.exists()):
+        if (run_dir / LOCK_FILE).is_file():
+            lock = FileLock(run_dir / LOCK_FILE)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise RunError(
+                    f"{output_dir} holds {why}, and that run is still going (it holds {lock.lock_file})"
+                ) from None
+            lock.release()
+        print(f"note: deleting {output_dir} and {run_dir}: they hold {why}", flush=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(config))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -490,7 +794,7 @@ def save_eval_grid(model, pixel_values: torch.Tensor, path: str | Path, accelera
     with accelerator.autocast():
         grid = progressive_grid(model, pixel_values, lengths=lengths[-1:] + lengths[:-1])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    save_grid(grid, path)  # labelled rows, also as PNG text chunks
     return grid
 
 

@@ -16,11 +16,13 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from common import run_folder
 from transformers import AutoImageProcessor, AutoModel
 
 from qg_tokenizer.data import EMBEDDED_MNIST, load_image_dataset
@@ -106,11 +108,24 @@ def write_figures(output_dir: str | Path, num_images: int = 16) -> None:
     save_grid(progressive_grid(model, pixel_values[: num_images // 2]), output_dir / "progressive.png")
 
 
+def clear_previous_run(output_dir: str | Path) -> None:
+    """`make demo` trains afresh every time: a previous run's output folder and run folder (its checkpoints, beside
+    it) are removed, with a note; a folder that holds something other than a training run is refused."""
+    output_dir, run_dir = Path(output_dir), run_folder(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "train_config.json").is_file():
+        raise SystemExit(f"error: {output_dir} exists and is not a training run's folder: pick another --output_dir")
+    if output_dir.exists() or run_dir.exists():
+        print(f"note: replacing the previous run in {output_dir}", flush=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="mnist-demo.yaml overrides")
     args = parser.parse_args(argv)
+    clear_previous_run(args.output_dir)
     results = run_training(args.output_dir, args.overrides)
     write_figures(args.output_dir)
     plot_training_curves(results, Path(args.output_dir) / "codebook_usage.png")

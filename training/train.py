@@ -4,8 +4,9 @@
         [--resume latest|PATH] [--push_to_hub REPO_ID]
 
 Overrides use the config's keys, dots reaching into sections: `max_steps=2000 model.num_tokens=32 gan.enabled=true`.
-Every default is in `TrainConfig` below. The output folder ends up as a `save_pretrained` folder (config, weights,
-image processor, model card) plus `results.json`, `checkpoints/`, `samples/` and tensorboard `logs/`.
+Every default is in `TrainConfig` below. The output folder ends up as what goes to the hub: a `save_pretrained`
+folder (config, weights, image processor, model card) plus `results.json`, `train_config.json`, `train_log.jsonl`
+and `samples/`. Checkpoints, tensorboard `logs/` and the lock file are beside it, in `<output_dir>-training/`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import EvalResult
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
-from transformers import AutoModel, get_scheduler
+from transformers import AutoModel, PretrainedConfig, get_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` next to this script, however it is launched
 
@@ -34,26 +37,34 @@ from common import (  # noqa: E402
     build_eval_dataloader,
     build_model_config,
     build_train_dataloader,
+    check_same_run,
     codeword_counts,
     config_to_dict,
     crop_batches,
     endless_batches,
     evaluate,
     init_codebooks_from_data,
+    load_checkpoint,
     load_config,
     load_splits,
+    locked_run_folder,
     parse_script_args,
     push_output_dir,
+    refuse_old_layout,
     resolve_checkpoint,
+    respect_umask,
+    run_folder,
     run_script,
     save_checkpoint,
     setup_accelerator,
     spread,
     training_photos,
+    trim_log,
     write_model_card,
 )
 
 from qg_tokenizer import QGVAEImageProcessor  # noqa: E402
+from qg_tokenizer.data import EMBEDDED_MNIST  # noqa: E402
 from qg_tokenizer.metrics import usage_summary  # noqa: E402
 from qg_tokenizer.modeling_qggan import (  # noqa: E402
     QGGANDiscriminator,
@@ -65,6 +76,14 @@ from qg_tokenizer.modeling_qggan import (  # noqa: E402
 from qg_tokenizer.quantizer_qgvae import usage_statistics  # noqa: E402
 
 SCHEDULE_TICKS = 10_000  # the resolution of a learning-rate schedule on the time clock
+# TrainConfig keys (dotted) a resumed run may change: they bound the run or shape its evaluations, logs and
+# checkpoints, not the training itself (see `resumable_changes` for max_steps and max_train_time)
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "max_train_time", "eval_every", "eval_batch_size", "max_eval_samples",
+    "num_grid_images", "final_usage_samples", "log_every", "checkpoint_every", "checkpoints_total_limit", "report_to",
+    "data.num_workers",
+})  # fmt: skip
+MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "Patch VQ-VAE"}  # model card titles
 
 
 @dataclass
@@ -121,13 +140,72 @@ class TrainConfig:
     report_to: str = "tensorboard"  # "tensorboard", "wandb", "all" or "none"
 
 
-def main(argv: list[str] | None = None) -> torch.nn.Module:
-    """Train as configured by the command line `argv`; returns the trained (unwrapped) model."""
-    args = parse_script_args(argv, __doc__, TrainConfig, artefact="model")
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    output_dir = Path(cfg.output_dir)
+def resumable_changes(cfg: TrainConfig) -> frozenset[str]:
+    """The config keys a resume of `cfg` may change: `RESUMABLE_CHANGES`, less the one that sets the length of a
+    learning-rate schedule that depends on it (`max_steps`, or `max_train_time` on the time clock)."""
+    if cfg.lr_scheduler in ("constant", "constant_with_warmup") and cfg.lr_warmup_ratio == 0:
+        return RESUMABLE_CHANGES
+    return RESUMABLE_CHANGES - {"max_train_time" if cfg.lr_schedule_clock == "time" else "max_steps"}
 
-    # ---------------------------------------------------------------- everything that can fail, before training
+
+def progress_bar_options(max_steps: int, max_train_time: float | None) -> dict:
+    """tqdm's total, unit and description: the optimizer steps, or the seconds of the training-time budget when
+    `max_train_time` bounds the run (the bar and its ETA then follow the budget; the step count is in the postfix)."""
+    if max_train_time is None:
+        return {"total": max_steps, "unit": "step", "desc": "train"}
+    return {
+        "total": max_train_time, "unit": "s", "desc": "train (time budget)",
+        "bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
+    }  # fmt: skip
+
+
+def progress_position(state: TrainerState, max_train_time: float | None) -> float:
+    """Where the bar of [`progress_bar_options`] stands: steps done, or seconds of training (capped at the budget)."""
+    return state.step if max_train_time is None else min(state.train_time, max_train_time)
+
+
+def hub_dataset(data: DataConfig) -> str | None:
+    """The hub data set `data.source` names; None for the embedded MNIST and local files and folders."""
+    return None if data.source == EMBEDDED_MNIST or Path(data.source).exists() else data.source
+
+
+def data_name(data: DataConfig) -> str:
+    """How the model card names the training data: MNIST, the hub data set, or the local file or folder."""
+    if data.source == EMBEDDED_MNIST:
+        return "MNIST"
+    if hub_dataset(data) is None:
+        return Path(data.source).name
+    return data.source + (f" ({data.name})" if data.name else "")
+
+
+def model_card_title(model_config: PretrainedConfig, data: DataConfig) -> str:
+    """E.g. "QG-VAE (64 tokens x 9 bits) trained on uoft-cs/cifar10"."""
+    name = MODEL_NAMES.get(model_config.model_type, model_config.model_type)
+    bits = math.log2(model_config.codebook_size)
+    return f"{name} ({model_config.num_tokens} tokens x {bits:g} bits) trained on {data_name(data)}"
+
+
+def model_card_data(cfg: TrainConfig, model_config: PretrainedConfig, final: dict) -> dict:
+    """The model card's metadata: library, tags, the training data set (from the hub) and the final test PSNR and
+    SSIM as `model-index` results."""
+    eval_results = [
+        EvalResult(
+            task_type="image-feature-extraction", dataset_type=hub_dataset(cfg.data) or data_name(cfg.data),
+            dataset_name=data_name(cfg.data), dataset_config=cfg.data.name, dataset_split=cfg.data.eval_split,
+            metric_type=metric, metric_name=name, metric_value=round(final[metric], 4),
+        )
+        for metric, name in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
+    ]  # fmt: skip
+    return {
+        "library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "image-feature-extraction",
+        "tags": ["image-tokenizer", "vector-quantization", model_config.model_type],
+        "model_name": model_card_title(model_config, cfg.data), "eval_results": eval_results,
+        "datasets": [hub_dataset(cfg.data)] if hub_dataset(cfg.data) else None,
+    }  # fmt: skip
+
+
+def check_config(cfg: TrainConfig) -> PretrainedConfig:
+    """The model config of `cfg`, after the checks that need no data: a [`ConfigError`] names the key."""
     model_config = build_model_config(cfg.model)
     if cfg.gan.enabled and model_config.model_type != "qgvae":
         raise ConfigError(f"gan.enabled needs model.model_type 'qgvae', got {model_config.model_type!r}")
@@ -145,13 +223,38 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
         raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if cfg.data.streaming and (cfg.max_eval_samples is None or cfg.final_usage_samples is None):
         raise ConfigError("data.streaming needs max_eval_samples and final_usage_samples (a stream has no end)")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
+    return model_config
+
+
+def main(argv: list[str] | None = None) -> torch.nn.Module:
+    """Train as configured by the command line `argv`; returns the trained (unwrapped) model."""
+    args = parse_script_args(argv, __doc__, TrainConfig, artefact="model")
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    model_config = check_config(cfg)
+    run_dir = run_folder(cfg.output_dir)
+    accelerator = setup_accelerator(
+        run_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
+    )
+    with locked_run_folder(run_dir, accelerator):
+        return train(cfg, model_config, accelerator, run_dir, args.resume, args.push_to_hub)
+
+
+def train(
+    cfg: TrainConfig, model_config: PretrainedConfig, accelerator: Accelerator, run_dir: Path, resume: str | None,
+    push_to_hub: str | None,
+) -> torch.nn.Module:  # fmt: skip
+    """The run of `main`, in the locked `run_dir` (checkpoints, logs); returns the trained (unwrapped) model."""
+    output_dir = Path(cfg.output_dir)
+    # ---------------------------------------------------------------- everything that can fail, before training
     # the whole photos a random-crop stream draws from (loaded once; also checks the validation hold-out fits)
     crop_photos = training_photos(cfg.data)[0] if cfg.data.random_crops else None
     perceptual = load_lpips() if cfg.gan.enabled and cfg.gan.perceptual_loss == "lpips" else None
-    accelerator = setup_accelerator(
-        output_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to, cfg.seed
-    )
-    resume_from = resolve_checkpoint(output_dir, args.resume)
+    refuse_old_layout(output_dir)
+    resume_from = resolve_checkpoint(run_dir, resume)
+    if resume_from is not None:
+        check_same_run(resume_from, config_to_dict(cfg), resumable_changes(cfg))
     train_data, eval_data = load_splits(cfg.data, accelerator.num_processes, model_config.image_size)
     processor = QGVAEImageProcessor.from_model_config(model_config)
     collator = ImageCollator(processor, cfg.data.image_column)
@@ -200,13 +303,13 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     ema = None
     if cfg.ema_decay is not None:
         ema = AveragedModel(unwrapped, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
-        accelerator.register_for_checkpointing(ema)
     state = TrainerState()
-    accelerator.register_for_checkpointing(state)
+    # saved beside accelerate's state: the EMA as safetensors, `state` as JSON (nothing a checkpoint holds is unpickled)
+    checkpointed = {"ema": ema} if ema is not None else {}
     set_seed(cfg.seed, device_specific=True)  # token dropout and flips differ between processes
     if resume_from is not None:  # restores weights, optimizers, buffers, RNG states, the EMA and `state`
         accelerator.print(f"resuming from {resume_from}")
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, state, checkpointed)
     elif cfg.codebook_init == "data":
         init_loader = build_eval_dataloader(
             spread(train_data, cfg.codebook_init_images), collator, cfg.eval_batch_size, accelerator
@@ -222,14 +325,18 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             return unwrapped
         ema.module.quantizer.load_state_dict(unwrapped.quantizer.state_dict())
         return ema.module
+
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:  # a fresh run does not continue an older run's log
             (output_dir / "train_log.jsonl").unlink(missing_ok=True)
+        else:  # the steps after the checkpoint are logged again
+            trim_log(output_dir / "train_log.jsonl", state.step)
         (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     accelerator.init_trackers(
-        "train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
-    )
+        "train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()},
+        init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else None,
+    )  # fmt: skip
     accelerator.print(
         f"{model_config.model_type}: {sum(p.numel() for p in unwrapped.parameters()):,} parameters, "
         f"{model_config.bytes_per_image} bytes per image; {accelerator.num_processes} process(es), "
@@ -262,8 +369,9 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     else:
         batches = endless_batches(train_loader, accelerator, skip, cfg.data.horizontal_flip)
     progress = tqdm(
-        total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
-    )
+        **progress_bar_options(cfg.max_steps, cfg.max_train_time),
+        initial=progress_position(state, cfg.max_train_time), disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
     model.train()
     clock = TrainingClock(state)
     while state.step < cfg.max_steps:
@@ -319,7 +427,6 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
                 logs[key] = getattr(output, key).detach()
             logs["loss"] = loss.detach()
         state.step += 1
-        progress.update(1)
 
         # Voronoi reset on the statistic summed over processes, with the same noise everywhere
         if state.step % reset_interval == 0:
@@ -328,6 +435,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             logs["codewords_reset"] = resets.sum()
 
         clock.tick()
+        progress.update(progress_position(state, cfg.max_train_time) - progress.n)
         if cfg.lr_schedule_clock == "time":  # the underlying schedule, by its ticks of training time (all processes)
             tick = min(SCHEDULE_TICKS, int(state.train_time / cfg.max_train_time * SCHEDULE_TICKS))
             for _ in range(tick * accelerator.num_processes - lr_scheduler.scheduler.last_epoch):
@@ -343,7 +451,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
             window = usage_statistics(quantizer.usage_counts)["used_fraction"].mean().item()
             progress.set_postfix(
                 loss=f"{logs.get('loss', float('nan')):.4f}", psnr=f"{logs.get('psnr', float('nan')):.2f}",
-                usage=f"{window:.2f}",
+                usage=f"{window:.2f}", **({} if cfg.max_train_time is None else {"step": state.step}),
             )  # fmt: skip
             accelerator.log({f"train/{k}": v for k, v in logs.items() if k != "step"}, step=state.step)
             if accelerator.is_main_process:
@@ -357,7 +465,10 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
                     f"codeword usage mean {metrics['train_usage_mean']:.3f} min {metrics['train_usage_min']:.3f}"
                 )
             if state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator, run_dir, state.step, cfg.checkpoints_total_limit, state, config_to_dict(cfg),
+                    checkpointed,
+                )  # fmt: skip
         if out_of_time:
             break
     progress.close()
@@ -370,6 +481,7 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     )
     final_model = eval_model()
     train_counts = codeword_counts(final_model, usage_loader, accelerator)
+    final_model.quantizer.usage_counts.copy_(train_counts)  # saved with the model (`qg-tokenizer info` reports them)
     train_usage = usage_summary(train_counts) | {
         "used_fraction_per_token": usage_statistics(train_counts)["used_fraction"].tolist(),
         "num_images": int(train_counts.sum().item()) // model_config.num_tokens,
@@ -386,18 +498,15 @@ def main(argv: list[str] | None = None) -> torch.nn.Module:
     if accelerator.is_main_process:
         final_model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+        respect_umask(output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         write_model_card(
-            output_dir,
-            card_data={
-                "library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "image-feature-extraction",
-                "tags": ["image-tokenizer", "vector-quantization", model_config.model_type],
-            },
-            model_name=args.push_to_hub or output_dir.name, repo_id=args.push_to_hub or str(output_dir),
+            output_dir, card_data=model_card_data(cfg, model_config, final),
+            model_name=model_card_title(model_config, cfg.data), repo_id=push_to_hub or str(output_dir),
             config=model_config.to_dict(), train=config_to_dict(cfg), results=results,
         )  # fmt: skip
-        if args.push_to_hub:
-            push_output_dir(output_dir, args.push_to_hub, f"Train {model_config.model_type} for {state.step} steps")
+        if push_to_hub:
+            push_output_dir(output_dir, push_to_hub, f"Train {model_config.model_type} for {state.step} steps")
         print(
             f"done: step {state.step} in {state.train_time:.0f} s; test PSNR {final['psnr']:.2f} dB, "
             f"SSIM {final['ssim']:.3f}; {model_config.bytes_per_image} bytes per image; codewords used over "

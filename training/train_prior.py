@@ -7,8 +7,10 @@ The tokens come from a `save_to_disk` folder of `qg_tokenizer.tokenize.tokenize_
 made on the fly from the images of `data.source` with a tokenizer checkpoint (`tokenizer=PATH`, `tokens=null`).
 With a tokenizer, every evaluation also writes a grid of samples (one row per class) and the output folder gets a
 ready `QGVAEPipeline` in `pipeline/`. Every default is in `PriorTrainConfig` below; overrides use its keys, dots
-reaching into sections (`model.vocab_layout=shared data.source=embedded-mnist`). The output folder ends up as a
-`save_pretrained` folder of the prior plus `results.json`, `checkpoints/`, `samples/` and `logs/`.
+reaching into sections (`model.vocab_layout=shared data.source=embedded-mnist`). The output folder ends up as what
+goes to the hub: a `save_pretrained` folder of the prior plus `results.json`, `train_config.json`, `samples/` and
+`pipeline/`. Checkpoints, tensorboard `logs/` and the lock file are beside it, in `<output_dir>-training/`, as for
+`train.py` (see training/README.md, "Checkpoints and resuming").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
 from tqdm.auto import tqdm
@@ -35,12 +38,18 @@ from common import (  # noqa: E402
     TrainingClock,
     build_eval_dataloader,
     build_train_dataloader,
+    check_same_run,
     config_to_dict,
     endless_batches,
+    load_checkpoint,
     load_config,
+    locked_run_folder,
     parse_script_args,
     push_output_dir,
+    refuse_old_layout,
     resolve_checkpoint,
+    respect_umask,
+    run_folder,
     run_script,
     save_checkpoint,
     setup_accelerator,
@@ -49,7 +58,15 @@ from common import (  # noqa: E402
 from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM, QGVAEPipeline  # noqa: E402
 from qg_tokenizer.data import load_image_splits  # noqa: E402
 from qg_tokenizer.tokenize import TOKEN_IDS_COLUMN, load_tokenizer, tokenize_dataset  # noqa: E402
-from qg_tokenizer.visualize import image_grid  # noqa: E402
+from qg_tokenizer.visualize import READABLE_WIDTH, image_grid, save_grid  # noqa: E402
+
+# PriorTrainConfig keys (dotted) a resumed run may change: they bound the run or shape its evaluations, samples, logs
+# and checkpoints, not the training itself (see `resumable_changes` for max_steps)
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "max_train_time", "eval_every", "eval_batch_size", "max_eval_samples",
+    "samples_per_class", "sample_guidance_scale", "log_every", "checkpoint_every", "checkpoints_total_limit",
+    "report_to", "data.num_workers",
+})  # fmt: skip
 
 
 @dataclass
@@ -177,7 +194,8 @@ def evaluate_bits(prior: QGPriorForCausalLM, dataloader, accelerator) -> dict[st
 
 
 def save_sample_grid(pipe: QGVAEPipeline, cfg: PriorTrainConfig, path: Path) -> None:
-    """PNG with one row of `samples_per_class` samples per class (one row when unconditional)."""
+    """PNG with one row of `samples_per_class` samples per class (one row when unconditional), each row labelled with
+    its class name, readable size, the labels also as PNG text chunks."""
     num_classes = pipe.prior.config.num_classes
     guided = num_classes > 0 and pipe.prior.config.class_dropout_prob > 0
     images = pipe(
@@ -188,21 +206,44 @@ def save_sample_grid(pipe: QGVAEPipeline, cfg: PriorTrainConfig, path: Path) -> 
         output_type="pt",
     ).images
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(list(images.split(cfg.samples_per_class))).save(path)
+    names = pipe.prior.config.class_names if num_classes else ["unconditional"]
+    rows = list(images.split(cfg.samples_per_class))
+    save_grid(image_grid(rows, row_labels=[f"class {name}" for name in names], min_width=READABLE_WIDTH), path)
+
+
+def resumable_changes(cfg: PriorTrainConfig) -> frozenset[str]:
+    """The config keys a resume of `cfg` may change: `RESUMABLE_CHANGES`, less `max_steps` when it sets the length
+    of the learning-rate schedule (every schedule but the constant ones; the warm-up is counted in steps)."""
+    if cfg.lr_scheduler in ("constant", "constant_with_warmup"):
+        return RESUMABLE_CHANGES
+    return RESUMABLE_CHANGES - {"max_steps"}
 
 
 def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
     """Train as configured by the command line `argv`; returns the trained (unwrapped) prior."""
     args = parse_script_args(argv, __doc__, PriorTrainConfig, artefact="prior")
     cfg = load_config(PriorTrainConfig, args.config, args.overrides)
-    output_dir = Path(cfg.output_dir)
-
-    # ---------------------------------------------------------------- everything that can fail, before training
     for key in ("batch_size", "max_steps", "eval_every", "log_every", "checkpoint_every", "samples_per_class"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    accelerator = setup_accelerator(output_dir, cfg.mixed_precision, 1, cfg.report_to, cfg.seed)
-    resume_from = resolve_checkpoint(output_dir, args.resume)
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
+    run_dir = run_folder(cfg.output_dir)
+    accelerator = setup_accelerator(run_dir, cfg.mixed_precision, 1, cfg.report_to, cfg.seed)
+    with locked_run_folder(run_dir, accelerator):
+        return train(cfg, accelerator, run_dir, args.resume, args.push_to_hub)
+
+
+def train(
+    cfg: PriorTrainConfig, accelerator: Accelerator, run_dir: Path, resume: str | None, push_to_hub: str | None
+) -> QGPriorForCausalLM:
+    """The run of `main`, in the locked `run_dir` (checkpoints, logs); returns the trained (unwrapped) prior."""
+    output_dir = Path(cfg.output_dir)
+    # ---------------------------------------------------------------- everything that can fail, before training
+    refuse_old_layout(output_dir)
+    resume_from = resolve_checkpoint(run_dir, resume)
+    if resume_from is not None:
+        check_same_run(resume_from, config_to_dict(cfg), resumable_changes(cfg))
     vqvae = processor = None
     if cfg.tokenizer is not None:
         try:
@@ -237,17 +278,18 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
     model, optimizer, lr_scheduler = accelerator.prepare(prior, optimizer, lr_scheduler)
     pipe = QGVAEPipeline(vqvae=vqvae, prior=prior) if vqvae is not None else None
 
-    state = TrainerState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainerState()  # saved as JSON in the checkpoint's manifest (nothing a checkpoint holds is unpickled)
     set_seed(cfg.seed, device_specific=True)  # class dropout differs between processes
-    if resume_from is not None:  # restores weights, optimizer, RNG states and `state`
+    if resume_from is not None:  # restores weights, optimizer, scheduler, RNG states and `state`
         accelerator.print(f"resuming from {resume_from}")
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, state)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     accelerator.init_trackers(
-        "train_prior", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
+        "train_prior",
+        config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()},
+        init_kwargs={"tensorboard": {"purge_step": state.step + 1}} if resume_from is not None else None,
     )
     accelerator.print(
         f"qgprior ({prior_config.vocab_layout} layout): {sum(p.numel() for p in prior.parameters()):,} parameters, "
@@ -305,7 +347,9 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
                 metrics = run_evaluation(eval_loader)
                 progress.write(f"step {state.step}: held-out {metrics['bits_per_image']:.2f} bits per image")
             if state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, output_dir, state.step, cfg.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator, run_dir, state.step, cfg.checkpoints_total_limit, state, config_to_dict(cfg)
+                )
         if out_of_time:
             break
     progress.close()
@@ -327,9 +371,10 @@ def main(argv: list[str] | None = None) -> QGPriorForCausalLM:
         prior.save_pretrained(output_dir)
         if pipe is not None:
             pipe.save_pretrained(output_dir / "pipeline")
+        respect_umask(output_dir)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if args.push_to_hub:
-            push_output_dir(output_dir, args.push_to_hub, f"Train qgprior for {state.step} steps")
+        if push_to_hub:
+            push_output_dir(output_dir, push_to_hub, f"Train qgprior for {state.step} steps")
         print(
             f"done: step {state.step} in {state.train_time:.0f} s; held-out {final['bits_per_image']:.2f} bits per "
             f"image (uniform: {results['uniform_bits_per_image']:.0f}); saved to {output_dir}"
