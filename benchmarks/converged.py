@@ -55,6 +55,9 @@ from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "converged.json"
+# the same benchmark run before the recipe selection (commit ca0bf35): one shared recipe, warm-up + cosine decay,
+# EMA (the saved model) and data-dependent codebook init for both models
+SHARED_RECIPE_RESULTS = HERE / "results" / "converged_shared_recipe.json"
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
 USAGE_TARGET = 0.9
@@ -486,8 +489,37 @@ def render_block(results: dict) -> str:
         for name, row in ablations["runs"].items():
             psnr_ = row["validation_psnr"]
             lines.append(f"| {ABLATION_NAMES[name]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |")
+    if "shared_recipe_run" in results:
+        lines += [
+            "",
+            "The same benchmark before the recipe selection, both models with one shared recipe (warm-up and cosine "
+            "decay, an EMA of the weights as the saved model, data-dependent codebook init; "
+            "`benchmarks/results/converged_shared_recipe.json`):",
+            "",
+            "| data | QG-VAE test PSNR, EMA / raw (dB) | patch VQ-VAE, EMA / raw (dB) | steps (QG / patch) | "
+            "QG-VAE minus patch, 95% interval |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in results["shared_recipe_run"]["benchmarks"].items():
+            qg, patch, diff = row["qgvae"], row["patch_vqvae"], row["qgvae_minus_patch_per_image"]
+            lines.append(
+                f"| {name} | {qg['psnr']:.2f} / {qg['raw_psnr']:.2f} | {patch['psnr']:.2f} / {patch['raw_psnr']:.2f} "
+                f"| {qg['steps']:,} / {patch['steps']:,} | {diff['mean']:+.2f} [{diff['ci95'][0]:+.2f}, "
+                f"{diff['ci95'][1]:+.2f}] |"
+            )
     lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in results["figures"].items()), README_END]
     return "\n".join(lines)
+
+
+def shared_recipe_rows(previous: dict) -> dict:
+    """The test PSNRs (saved EMA model and raw weights), steps and paired QG-VAE minus patch difference of the run
+    with one shared recipe (`SHARED_RECIPE_RESULTS`), per benchmark."""
+    rows = {}
+    for name, entry in previous["benchmarks"].items():
+        rows[name] = {m: {"psnr": entry[m]["psnr"], "raw_psnr": entry[m]["history"][-1].get("live_psnr"),
+                          "steps": entry[m]["steps"]} for m in MODEL_NAMES}  # fmt: skip
+        rows[name]["qgvae_minus_patch_per_image"] = entry["qgvae_minus_patch_per_image"]
+    return {"recipe": previous["recipe"]["train"], "benchmarks": rows}
 
 
 def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
@@ -500,6 +532,8 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
     if (workdir / "ablations").is_dir():
         seconds = next(iter(results.get("ablations", {}).values()), {}).get("seconds", 300.0)
         results["ablations"] = {m: ablation_rows(ablation_configs(workdir, seconds, m)) for m in MODEL_NAMES}
+    if SHARED_RECIPE_RESULTS.is_file():
+        results["shared_recipe_run"] = shared_recipe_rows(json.loads(SHARED_RECIPE_RESULTS.read_text()))
     selected = {m: select_changes(a["runs"]) for m, a in results["ablations"].items()}
     results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE, "selected_changes": selected}
     RESULTS.write_text(json.dumps(results, indent=2))
