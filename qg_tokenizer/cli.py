@@ -123,7 +123,7 @@ def _load(args: argparse.Namespace, device: str | None = None):
             raise CLIError(f"--model {args.model!r}: not a model type of qg_tokenizer, and the code its repo ships "
                            "runs only with --trust-remote-code (read that code first)") from None  # fmt: skip
         raise CLIError(f"--model {args.model!r}: cannot load the model ({type(error).__name__}: {message})") from None
-    corrupt = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    corrupt = model.non_finite_parameters()
     if corrupt:
         raise CLIError(f"--model {args.model!r}: the weights hold NaN or Inf ({', '.join(corrupt[:3])}"
                        f"{', ...' if len(corrupt) > 3 else ''}): the file is corrupt")  # fmt: skip

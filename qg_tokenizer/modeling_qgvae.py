@@ -684,12 +684,16 @@ class QGVAEModel(QGVAEPreTrainedModel):
         self._check_finite(pixel_values, "the decoder's output")
         return pixel_values
 
+    def non_finite_parameters(self) -> list[str]:
+        """Names of the parameters that hold NaN or Inf (a corrupt checkpoint); empty for a sound model."""
+        return [name for name, parameter in self.named_parameters() if not torch.isfinite(parameter).all()]
+
     def _check_finite(self, values: torch.Tensor, what: str) -> None:
         """Raise if `values` has NaN or Inf, naming the model's first non-finite parameters (a host sync: for the
         eager entry points `compress`/`decompress` only, not `forward` or traced graphs)."""
         if _is_tracing() or torch.isfinite(values).all():
             return
-        bad = [name for name, parameter in self.named_parameters() if not torch.isfinite(parameter).all()]
+        bad = self.non_finite_parameters()
         if bad:
             more = ", ..." if len(bad) > 3 else ""
             raise RuntimeError(
