@@ -2,8 +2,9 @@
 
     qg-tokenizer encode IMAGES... --model DIR_OR_REPO -o tokens.npy|tokens.jsonl
     qg-tokenizer decode tokens.npy --model M -o OUT_DIR|image.png [--prefix-length k]
-    qg-tokenizer compress IMAGE --model M -o FILE.qgt [--prefix-length k]
-    qg-tokenizer decompress FILE.qgt --model M -o IMAGE.png [--prefix-length k]
+    qg-tokenizer compress IMAGE --model M -o FILE.qgt [--prefix-length k] [--prior DIR] [--max-bytes N]
+                          [--target-psnr DB]
+    qg-tokenizer decompress FILE.qgt --model M -o IMAGE.png [--prefix-length k] [--prior DIR]
     qg-tokenizer progressive IMAGE --model M -o grid.png       # reconstructions from k = 1, 2, 4, ... tokens
     qg-tokenizer influence IMAGE --model M -o map.png          # pixels each token changes, coloured per token
     qg-tokenizer info --model M [--json]
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import re
 import sys
@@ -152,14 +154,23 @@ def _check_decode(args: argparse.Namespace) -> None:
     check_input(args.tokens, "a .npy or .jsonl token file")
 
 
+def _check_prior(args: argparse.Namespace) -> None:
+    if args.prior is not None and not os.path.isfile(os.path.join(args.prior, "config.json")) and not os.path.isfile(
+        os.path.join(args.prior, "prior", "config.json")
+    ):
+        raise CLIError(f"--prior {args.prior!r}: not a prior folder (no config.json in it or in its prior/)")
+
+
 def _check_compress(args: argparse.Namespace) -> None:
     check_output(args.output)
     check_input(args.image, "an image file")
+    _check_prior(args)
 
 
 def _check_decompress(args: argparse.Namespace) -> None:
     check_output(args.output, image_suffixes(), IMAGE_FILE)
     check_input(args.file, "a .qgt file")
+    _check_prior(args)
 
 
 def _check_visualisation(args: argparse.Namespace) -> None:
@@ -175,6 +186,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
     return value
 
 
@@ -199,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     prefix = argparse.ArgumentParser(add_help=False)
     prefix.add_argument("--prefix-length", "--num-tokens", dest="prefix_length", type=_positive, metavar="K",
                         help="use only the first K tokens (progressive decoding; --num-tokens is a deprecated alias)")
+    with_prior = argparse.ArgumentParser(add_help=False)
+    with_prior.add_argument("--prior", metavar="DIR",
+                            help="a prior (or pipeline) folder trained on the model's tokens: entropy-code the tokens "
+                                 "with it (`compress`); needed to decode such a file (`decompress`)")  # fmt: skip
     visual = argparse.ArgumentParser(add_help=False)
     visual.add_argument("--scale", type=_positive, default=1, help="enlarge the output image this many times")
 
@@ -220,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("decode", _check_decode, "token ids (.npy or .jsonl) -> images", [with_model, prefix],
         {"dest": "tokens", "help": "a .npy or .jsonl file written by `encode`"},
         "an image file (one row) or a new folder of PNGs")
-    add("compress", _check_compress, "one image -> a .qgt byte stream", [with_model, prefix], {"dest": "image"},
-        "FILE.qgt")
-    add("decompress", _check_decompress, "a .qgt byte stream -> an image", [with_model, prefix],
+    sub = add("compress", _check_compress, "one image -> a .qgt byte stream", [with_model, prefix, with_prior],
+              {"dest": "image"}, "FILE.qgt")
+    sub.add_argument("--max-bytes", type=_positive, metavar="N",
+                     help="keep the longest token prefix whose stream (header included) fits N bytes")
+    sub.add_argument("--target-psnr", type=_finite, metavar="DB",
+                     help="keep the shortest token prefix whose image reaches DB dB PSNR")
+    add("decompress", _check_decompress, "a .qgt byte stream -> an image", [with_model, prefix, with_prior],
         {"dest": "file", "help": "a .qgt file written by `compress`"})
     sub = add("progressive", _check_visualisation, "grid of reconstructions from 1, 2, 4, ... tokens",
               [with_model, visual], {"dest": "image"})

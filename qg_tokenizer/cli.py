@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from qg_tokenizer_cli import CLIError, main  # noqa: F401 (main: `qg_tokenizer.cli.main` is the entry point too)
 
-from .codec import HEADER_NUM_BYTES, CodecError, decode_tokens, truncate
+from .codec import CodecError, StreamHeader, read_header
 from .image_io import ImageLoadError, load_image
 from .tokenize import encode_images, load_tokenizer, token_dtype
 from .visualize import influence_grid, prefix_lengths, progressive_grid, save_grid
@@ -84,8 +84,8 @@ def _read_tokens(path: str) -> np.ndarray:
     return tokens
 
 
-def _read_stream(path: str, prefix_length: int | None) -> bytes:
-    """A `.qgt` file's bytes, header checked before the model is loaded, optionally cut to its first k tokens."""
+def _read_stream(path: str, prefix_length: int | None) -> StreamHeader:
+    """A `.qgt` file's header and payload, checked before the model is loaded (also that it holds `prefix_length`)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -93,10 +93,12 @@ def _read_stream(path: str, prefix_length: int | None) -> bytes:
     except OSError as error:
         raise CLIError(f"{path!r}: cannot read ({error.strerror})") from None
     try:
-        decode_tokens(data)
-        return data if prefix_length is None else truncate(data, prefix_length)
+        header = read_header(data)
     except CodecError as error:
         raise CLIError(f"{path!r}: {error}") from None
+    if prefix_length is not None and prefix_length > header.prefix_length:
+        raise CLIError(f"--prefix-length {prefix_length}: {path!r} holds only {header.prefix_length} tokens")
+    return header
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -185,28 +187,56 @@ def cmd_decode(args: argparse.Namespace) -> None:
     print(f"{out}: {len(images)} image(s) from {args.prefix_length or model.config.num_tokens} tokens each")
 
 
+def _load_prior(args: argparse.Namespace):
+    """The prior of `--prior` (a prior folder, or a pipeline folder with a `prior/` subfolder), or None."""
+    if args.prior is None:
+        return None
+    from .modeling_qgprior import QGPriorForCausalLM
+
+    folder = Path(args.prior)
+    folder = folder / "prior" if (folder / "prior" / "config.json").is_file() else folder
+    try:
+        return QGPriorForCausalLM.from_pretrained(folder).eval()
+    except (OSError, ValueError, KeyError) as error:
+        message = " ".join(str(error).split())
+        raise CLIError(f"--prior {args.prior!r}: cannot load the prior ({type(error).__name__}: {message})") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     out = Path(args.output)
     image = _read_image(args.image)
     model, processor = _load(args, args.device)
-    data = model.compress(_pixel_values(processor, [image], model.device), prefix_length=args.prefix_length)[0]
+    prior = _load_prior(args)
+    try:
+        data = model.compress(
+            _pixel_values(processor, [image], model.device), prefix_length=args.prefix_length, prior=prior,
+            max_bytes=args.max_bytes, target_psnr=args.target_psnr,
+        )[0]  # fmt: skip
+    except (CodecError, ValueError) as error:
+        raise CLIError(str(error)) from None
     with _atomic_output(out) as temporary:
         temporary.write_bytes(data)
-    kept = decode_tokens(data).prefix_length
-    print(f"{out}: {len(data)} bytes ({len(data) - HEADER_NUM_BYTES}-byte payload for {kept} of "
-          f"{model.config.num_tokens} tokens + {HEADER_NUM_BYTES}-byte header)")  # fmt: skip
+    header = read_header(data)
+    coding = "fixed-width" if header.prior_fingerprint is None else "entropy-coded"
+    print(f"{out}: {len(data)} bytes ({len(header.payload)}-byte {coding} payload for {header.prefix_length} of "
+          f"{model.config.num_tokens} tokens + {len(data) - len(header.payload)}-byte header)")  # fmt: skip
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
     out = Path(args.output)
-    data = _read_stream(args.file, args.prefix_length)
+    header = _read_stream(args.file, args.prefix_length)
+    if header.prior_fingerprint is not None and args.prior is None:
+        raise CLIError(f"{args.file!r} is entropy-coded with a prior (fingerprint {header.prior_fingerprint.hex()}): "
+                       "give it with --prior DIR")  # fmt: skip
     model, processor = _load(args, args.device)
+    prior = _load_prior(args)
     try:
-        pixel_values = model.decompress([data])
+        pixel_values = model.decompress([Path(args.file).read_bytes()], prior=prior, prefix_length=args.prefix_length)
     except CodecError as error:
         raise CLIError(f"{args.file!r}: {error}") from None
     _save_image(processor.postprocess(pixel_values, "pil")[0], out)
-    print(f"{out}: decoded from {decode_tokens(data).prefix_length} of {model.config.num_tokens} tokens")
+    kept = args.prefix_length or header.prefix_length
+    print(f"{out}: decoded from {kept} of {model.config.num_tokens} tokens")
 
 
 def cmd_progressive(args: argparse.Namespace) -> None:

@@ -16,6 +16,11 @@ Layout (all integers big-endian, `HEADER_NUM_BYTES` = 20):
     | 16     | 4     | checksum     | uint32   | CRC-32 (zlib) of bytes 0-15 followed by the payload      |
     | 20     | P     | payload      | bytes    | P = `payload_num_bytes(k, K)` = ceil(k * log2(K) / 8)    |
 
+Version 3 streams are entropy-coded with an autoregressive prior (`entropy_coding.py`): the same fields, then the
+prior's 4-byte fingerprint at offset 16 and the checksum at offset 20 (`PRIOR_HEADER_NUM_BYTES` = 24); the payload is
+the range coder's bytes, at most as long as the fixed-width payload (an image that would code longer, or whose stream
+would not decode exactly, is written as version 2 instead: the version byte is the fallback flag).
+
 The payload is the integer sum_i ids[i] * K**(k - 1 - i) (base K, token 0 the most significant digit) written
 big-endian into exactly P = ceil(bit_length(K**k - 1) / 8) bytes, so any K costs k*log2(K) bits plus < 8 bits of
 padding per image. For K a power of two this is plain bit packing, which has a vectorised path giving the same bytes.
@@ -43,15 +48,20 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_NUM_BYTES",
     "MAGIC",
+    "PRIOR_FORMAT_VERSION",
+    "PRIOR_HEADER_NUM_BYTES",
     "CodecError",
+    "StreamHeader",
     "QGTokenStream",
     "checksum",
     "decode_batch",
     "decode_tokens",
     "encode_batch",
+    "encode_prior_coded",
     "encode_tokens",
     "fingerprint",
     "payload_num_bytes",
+    "read_header",
     "truncate",
 ]
 
@@ -59,7 +69,9 @@ MAGIC = b"QGT"
 FORMAT_VERSION = 2
 _HEADER = struct.Struct(">3sBHIH4sI")  # magic, version, C, K, k, fingerprint, checksum
 HEADER_NUM_BYTES = _HEADER.size  # 20
-_CHECKED_HEADER_NUM_BYTES = HEADER_NUM_BYTES - 4  # the header bytes the checksum covers (all but itself)
+PRIOR_FORMAT_VERSION = 3
+_PRIOR_HEADER = struct.Struct(">3sBHIH4s4sI")  # magic, version, C, K, k, fingerprint, prior fingerprint, checksum
+PRIOR_HEADER_NUM_BYTES = _PRIOR_HEADER.size  # 24
 FINGERPRINT_NUM_BYTES = 4
 _MAX_NUM_TOKENS = 2**16 - 1
 _MAX_CODEBOOK_SIZE = 2**32 - 1
@@ -312,15 +324,47 @@ def _unpack(payload: bytes, codebook_size: int, prefix_length: int) -> np.ndarra
     return _unpack_bits(payload, bits, prefix_length)
 
 
+def _header_num_bytes(data: bytes) -> int:
+    return PRIOR_HEADER_NUM_BYTES if data[3] == PRIOR_FORMAT_VERSION else HEADER_NUM_BYTES
+
+
 def checksum(data: bytes) -> int:
-    """The CRC-32 a stream stores at bytes 16-19: of its bytes 0-15 followed by its payload (bytes 20 on)."""
-    return zlib.crc32(data[HEADER_NUM_BYTES:], zlib.crc32(data[:_CHECKED_HEADER_NUM_BYTES]))
+    """The CRC-32 a stream stores in its header's last 4 bytes: of the header bytes before it followed by the payload
+    (bytes 0-15 and 20 on for version 2, 0-19 and 24 on for version 3)."""
+    end = _header_num_bytes(data)
+    return zlib.crc32(data[end:], zlib.crc32(data[: end - 4]))
+
+
+def _sealed(data: bytes) -> bytes:
+    """`data` (header with a zero checksum, then the payload) with its checksum filled in."""
+    end = _header_num_bytes(data)
+    return data[: end - 4] + checksum(data).to_bytes(4, "big") + data[end:]
 
 
 def _write(token_ids: np.ndarray, num_tokens: int, codebook_size: int, fingerprint: bytes) -> bytes:
     data = _HEADER.pack(MAGIC, FORMAT_VERSION, num_tokens, codebook_size, token_ids.size, fingerprint, 0)
-    data += _pack(token_ids, codebook_size)
-    return data[:_CHECKED_HEADER_NUM_BYTES] + checksum(data).to_bytes(4, "big") + data[HEADER_NUM_BYTES:]
+    return _sealed(data + _pack(token_ids, codebook_size))
+
+
+def encode_prior_coded(
+    payload: bytes,
+    num_tokens: int,
+    codebook_size: int,
+    prefix_length: int,
+    fingerprint: bytes,
+    prior_fingerprint: bytes,
+) -> bytes:
+    """A version-3 stream around the range coder's `payload` of the first `prefix_length` of `num_tokens` tokens
+    (at most `payload_num_bytes(prefix_length, codebook_size)` bytes: else write the fixed width)."""
+    num_tokens = _check_int("num_tokens", num_tokens, 1, _MAX_NUM_TOKENS)
+    codebook_size = _check_int("codebook_size", codebook_size, 2, _MAX_CODEBOOK_SIZE)
+    prefix_length = _check_int("prefix_length", prefix_length, 1, num_tokens)
+    limit = payload_num_bytes(prefix_length, codebook_size)
+    if len(payload) > limit:
+        raise CodecError(f"a prior-coded payload of {len(payload)} bytes is longer than the fixed width, {limit}")
+    fingerprints = _check_fingerprint(fingerprint), _check_fingerprint(prior_fingerprint)
+    header = _PRIOR_HEADER.pack(MAGIC, PRIOR_FORMAT_VERSION, num_tokens, codebook_size, prefix_length, *fingerprints, 0)
+    return _sealed(header + bytes(payload))
 
 
 def encode_tokens(
@@ -354,60 +398,93 @@ def encode_tokens(
     bad = np.flatnonzero((token_ids < 0) | (token_ids >= codebook_size))
     if bad.size:
         position = int(bad[0])
-        raise CodecError(
-            f"token_ids must be in [0, {codebook_size}), got {token_ids[position]} at position {position}"
-        )
+        raise CodecError(f"token_ids must be in [0, {codebook_size}), got {token_ids[position]} at position {position}")
     prefix_length = resolve_prefix_length(prefix_length, num_tokens)
     kept = total if prefix_length is None else _check_int("prefix_length", prefix_length, 1, total)
     return _write(token_ids[:kept].astype(np.int64), total, codebook_size, fingerprint)
 
 
 @dataclass(frozen=True)
-class _CheckedStream:
-    """A stream whose header, length, checksum and model are checked; its payload is not decoded yet."""
+class StreamHeader:
+    """A stream whose header, length, checksum and model are checked; its payload is not decoded yet.
+
+    Attributes:
+        payload: the bytes after the header.
+        num_tokens: C; codebook_size: K; prefix_length: k, tokens the payload holds; fingerprint: the model's.
+        prior_fingerprint: the 4-byte `entropy_coding.prior_fingerprint` of the prior that coded the payload
+            (version 3), or None for a fixed-width payload (version 2).
+    """
 
     payload: bytes
     num_tokens: int
     codebook_size: int
     prefix_length: int
     fingerprint: bytes
+    prior_fingerprint: bytes | None
+
+    @property
+    def num_bytes(self) -> int:
+        """The whole stream's length, header included."""
+        header = HEADER_NUM_BYTES if self.prior_fingerprint is None else PRIOR_HEADER_NUM_BYTES
+        return header + len(self.payload)
 
     def decode(self) -> QGTokenStream:
-        token_ids = _unpack(self.payload, self.codebook_size, self.prefix_length)
+        """The token ids of a fixed-width stream; a `CodecError` for an entropy-coded one (it needs its prior)."""
+        if self.prior_fingerprint is not None:
+            raise CodecError(
+                f"the stream is entropy-coded with a prior (fingerprint {self.prior_fingerprint.hex()}): decode it "
+                "with that prior, model.decompress(streams, prior=prior)"
+            )
+        return self.with_token_ids(_unpack(self.payload, self.codebook_size, self.prefix_length))
+
+    def with_token_ids(self, token_ids: np.ndarray) -> QGTokenStream:
         token_ids.setflags(write=False)
         return QGTokenStream(token_ids, self.num_tokens, self.codebook_size, self.prefix_length, self.fingerprint)
 
 
-def _check_stream(
-    data: bytes, num_tokens: int | None, codebook_size: int | None, fingerprint: bytes | None
-) -> _CheckedStream:
+def read_header(
+    data: bytes, num_tokens: int | None = None, codebook_size: int | None = None, fingerprint: bytes | None = None
+) -> StreamHeader:
     """Everything `decode_tokens` checks before it decodes the payload, in linear time: header fields, payload
-    length, checksum, then the expected model."""
+    length, checksum, then the expected model (the keyword arguments, when given)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < HEADER_NUM_BYTES:
         raise CodecError(f"data is too short to hold a header: {len(data)} bytes < {HEADER_NUM_BYTES}")
-    magic, version, total, size, kept, stream_fingerprint, stored_checksum = _HEADER.unpack_from(data)
+    magic, version = _HEADER.unpack_from(data)[:2]
     if magic != MAGIC:
         raise CodecError(f"not a QG-VAE token stream: magic is {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise CodecError(f"unsupported format version {version}, this codec reads version {FORMAT_VERSION}")
+    if version not in (FORMAT_VERSION, PRIOR_FORMAT_VERSION):
+        raise CodecError(
+            f"unsupported format version {version}, this codec reads versions {FORMAT_VERSION} (fixed width) and "
+            f"{PRIOR_FORMAT_VERSION} (entropy-coded)"
+        )
+    if version == PRIOR_FORMAT_VERSION:
+        if len(data) < PRIOR_HEADER_NUM_BYTES:
+            raise CodecError(
+                f"data is too short to hold a version-3 header: {len(data)} bytes < {PRIOR_HEADER_NUM_BYTES}"
+            )
+        _, _, total, size, kept, stream_fingerprint, prior, stored_checksum = _PRIOR_HEADER.unpack_from(data)
+    else:
+        _, _, total, size, kept, stream_fingerprint, stored_checksum = _HEADER.unpack_from(data)
+        prior = None
     if size < 2:
         raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
     if kept == 0 or kept > total:
         raise CodecError(f"invalid header: prefix_length is {kept}, must be in [1, num_tokens={total}]")
-    payload = data[HEADER_NUM_BYTES:]
+    payload = data[_header_num_bytes(data) :]
     expected_bytes = payload_num_bytes(kept, size)
-    if len(payload) < expected_bytes:
+    if prior is None and len(payload) < expected_bytes:
         raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
     if len(payload) > expected_bytes:
-        raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, the header implies {expected_bytes}")
+        what = "the header implies" if prior is None else "an entropy-coded payload is at most"
+        raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, {what} {expected_bytes}")
     computed = checksum(data)
     if computed != stored_checksum:
         raise CodecError(
             f"corrupt stream: checksum {computed:08x} does not match the stored {stored_checksum:08x} (the bytes "
-            "changed after encoding)"
+            "changed after encoding, or were cut short)"
         )
     for name, found, expected in (
         ("num_tokens", total, num_tokens),
@@ -419,7 +496,7 @@ def _check_stream(
             raise CodecError(
                 f"the stream was made for another model: {name} is {found} in the stream, expected {expected}"
             )
-    return _CheckedStream(payload, total, size, kept, stream_fingerprint)
+    return StreamHeader(payload, total, size, kept, stream_fingerprint, prior)
 
 
 def decode_tokens(
@@ -437,9 +514,10 @@ def decode_tokens(
 
     Raises:
         CodecError: the bytes are not a valid stream (wrong length, a header field out of range, a checksum that does
-            not match: the bytes changed after encoding), or it was made for a model with another C, K or fingerprint.
+            not match: the bytes changed after encoding), or it was made for a model with another C, K or fingerprint,
+            or it is entropy-coded (version 3: decode it with its prior, `QGVAEModel.decompress(streams, prior=...)`).
     """
-    return _check_stream(data, num_tokens, codebook_size, fingerprint).decode()
+    return read_header(data, num_tokens, codebook_size, fingerprint).decode()
 
 
 def truncate(data: bytes, prefix_length: int | None = None, *, num_tokens: int | None = None) -> bytes:
@@ -479,5 +557,5 @@ def decode_batch(
     Every stream is checked (header, length, checksum, expected model) before any payload is decoded: one bad or
     foreign stream anywhere in the batch raises before the work of decoding the others is spent.
     """
-    checked = [_check_stream(stream, num_tokens, codebook_size, fingerprint) for stream in data]
+    checked = [read_header(stream, num_tokens, codebook_size, fingerprint) for stream in data]
     return [stream.decode() for stream in checked]

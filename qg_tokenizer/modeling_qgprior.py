@@ -199,14 +199,9 @@ class QGPriorForCausalLM(LlamaForCausalLM, GenerationMixin):
         has_labels = labels is not None or shift_labels is not None
         if has_labels and self.training and input_ids is not None and self.config.class_dropout_prob > 0:
             input_ids = self.drop_class_tokens(input_ids)
-        if self.position_embedding is not None:
-            if inputs_embeds is None:
-                inputs_embeds, input_ids = self.get_input_embeddings()(input_ids), None
-            if position_ids is None:
-                cache = kwargs.get("cache", kwargs.get("past_key_values"))
-                start = cache.get_seq_length() if cache is not None else 0
-                position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-            inputs_embeds = inputs_embeds + self.position_embedding(position_ids)
+        input_ids, inputs_embeds, position_ids = self._with_position_embeddings(
+            input_ids, inputs_embeds, position_ids, kwargs.get("cache", kwargs.get("past_key_values"))
+        )
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -228,6 +223,41 @@ class QGPriorForCausalLM(LlamaForCausalLM, GenerationMixin):
                 num_items_in_batch = num_items_in_batch.to(nll.device)
             outputs.loss = nll.sum() / num_items_in_batch
         return outputs
+
+    def _with_position_embeddings(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: object | None,
+    ) -> tuple[torch.LongTensor | None, torch.Tensor | None, torch.LongTensor | None]:
+        """The shared layout's inputs: the token embeddings plus the learned position embeddings (positions go on from
+        the cache's length); the offset layout's pass through unchanged."""
+        if self.position_embedding is None:
+            return input_ids, inputs_embeds, position_ids
+        if inputs_embeds is None:
+            inputs_embeds, input_ids = self.get_input_embeddings()(input_ids), None
+        if position_ids is None:
+            start = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        return None, inputs_embeds + self.position_embedding(position_ids), position_ids
+
+    def codebook_logits(
+        self, input_ids: torch.LongTensor, positions: torch.Tensor, cache: object | None = None
+    ) -> torch.Tensor:
+        """`[B, T]` sequences (or their continuation of `cache`, a transformers `Cache` that is updated) -> `[B, T, K]`
+        logits of the K ids of the codebook each position predicts: sequence position t predicts image token
+        `positions[t]` (`[T]`, in [0, C)). Only those K rows of the output projection are applied (not the whole
+        vocabulary), in the model's dtype; the entropy coder's path."""
+        _, inputs_embeds, position_ids = self._with_position_embeddings(input_ids, None, None, cache)
+        hidden = self.model(
+            input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+            position_ids=position_ids, cache=cache, use_cache=cache is not None,
+        ).last_hidden_state  # fmt: skip
+        index = codebook_offsets(self.config, hidden.device)[positions][:, None] + torch.arange(
+            self.config.codebook_size, device=hidden.device
+        )  # (T, K)
+        return torch.einsum("bth,tkh->btk", hidden, self.lm_head.weight[index])
 
     def _codebook_nll(self, logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`[B, T, V]` logits at sequence positions `positions` (`[T]`) and `[B, T]` targets (the id each of those

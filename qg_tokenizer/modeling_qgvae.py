@@ -21,8 +21,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from .codec import decode_batch, encode_batch, fingerprint, resolve_prefix_length
+from .codec import CodecError, fingerprint, read_header, resolve_prefix_length
 from .configuration_qgvae import QGVAEConfig
+from .entropy_coding import PriorCoder, write_streams
 from .quantizer_qgvae import PerTokenQuantizer
 
 
@@ -636,29 +637,82 @@ class QGVAEModel(QGVAEPreTrainedModel):
 
     @torch.no_grad()
     def compress(
-        self, pixel_values: torch.Tensor, prefix_length: int | None = None, num_tokens: int | None = None
+        self,
+        pixel_values: torch.Tensor,
+        prefix_length: int | None = None,
+        num_tokens: int | None = None,
+        *,
+        prior: PreTrainedModel | None = None,
+        max_bytes: int | None = None,
+        target_psnr: float | None = None,
     ) -> list[bytes]:
-        """`[B, ch, H, W]` in [0, 1] -> one byte stream per image (header + ceil(k log2 K / 8) payload bytes), keeping
-        the first `prefix_length` (k) tokens, all C by default; `num_tokens` is its deprecated name.
+        """`[B, ch, H, W]` in [0, 1] -> one byte stream per image (see `codec.py` for the format).
+
+        Args:
+            prefix_length: k, keep the first k tokens, all C by default (`num_tokens` is its deprecated name); the
+                most that `max_bytes` and `target_psnr` keep.
+            prior: a `QGPriorForCausalLM` trained on this model's tokens: the ids are entropy-coded with it (format
+                version 3, see `entropy_coding.py`), an image the coder cannot code exactly or shorter at fixed width
+                (format version 2). `decompress` then needs the same prior.
+            max_bytes: per image, the longest prefix whose whole stream (header included) fits this many bytes.
+            target_psnr: per image, the shortest prefix whose decoded image reaches this PSNR (dB, against
+                `pixel_values`); an image that does not reach it keeps the whole prefix.
 
         Raises:
             RuntimeError: the encoder gave NaN or Inf latents (non-finite weights), whose token ids mean nothing.
+            CodecError: `max_bytes` is below the smallest stream an image can have (one token).
         """
         prefix_length = resolve_prefix_length(prefix_length, num_tokens)
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+        if target_psnr is not None and not (isinstance(target_psnr, (int, float)) and math.isfinite(target_psnr)):
+            raise ValueError(f"target_psnr must be a finite number of dB, got {target_psnr!r}")
+        cfg = self.config
+        limit = cfg.num_tokens if prefix_length is None else prefix_length
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cfg.num_tokens:
+            raise CodecError(f"prefix_length must be in [1, {cfg.num_tokens}], got {prefix_length!r}")
+        coder = None if prior is None else PriorCoder(prior, cfg.num_tokens, cfg.codebook_size)
         encoded = self.encode(pixel_values)
         self._check_finite(encoded.quantized, "the encoded latents")
-        token_ids = encoded.token_ids.cpu().numpy()
-        return encode_batch(token_ids, self.config.codebook_size, self.codebook_fingerprint(), prefix_length)
+        lengths = torch.full((len(pixel_values),), limit, dtype=torch.long)
+        if target_psnr is not None:
+            lengths = self._shortest_prefix_reaching(pixel_values, encoded.token_ids, float(target_psnr), limit)
+        return write_streams(
+            encoded.token_ids.cpu().numpy(), lengths.numpy(), cfg.codebook_size, self.codebook_fingerprint(), coder,
+            max_bytes,
+        )  # fmt: skip
+
+    def _shortest_prefix_reaching(
+        self, pixel_values: torch.Tensor, token_ids: torch.Tensor, target_psnr: float, limit: int
+    ) -> torch.Tensor:
+        """`[B]` the shortest prefix length (<= limit) whose decoded image reaches `target_psnr` dB, else `limit`:
+        each length is decoded for the images not yet there."""
+        lengths = torch.full((len(token_ids),), limit, dtype=torch.long)
+        todo = torch.arange(len(token_ids))
+        target = pixel_values.float().clamp(0, 1)
+        for kept in range(1, limit):
+            if not len(todo):
+                break
+            decoded = self.decode(token_ids[todo], prefix_length=kept).pixel_values.float().clamp(0, 1)
+            mse = (decoded - target[todo]).pow(2).flatten(1).mean(1).cpu()
+            reached = 10 * torch.log10(1 / mse.clamp(min=1e-12)) >= target_psnr
+            lengths[todo[reached]] = kept
+            todo = todo[~reached]
+        return lengths
 
     @torch.no_grad()
-    def decompress(self, streams: Iterable[bytes]) -> torch.Tensor:
+    def decompress(
+        self, streams: Iterable[bytes], prior: PreTrainedModel | None = None, prefix_length: int | None = None
+    ) -> torch.Tensor:
         """Byte streams from `compress` (possibly truncated to a prefix) -> images `[B, ch, H, W]` (not clamped), in
-        the decoder's parameter dtype.
+        the decoder's parameter dtype. Entropy-coded streams need `prior`, the one they were coded with;
+        `prefix_length` decodes at most the first k tokens of each stream (a coarser image).
 
         Raises:
             TypeError: `streams` is one stream (`bytes`) rather than a list of them, or holds something else.
-            ValueError: `streams` is empty (as `encode`/`decode` reject an empty batch), or a stream is invalid or was
-                made by another model (a `CodecError`, checked for every stream before any is decoded).
+            ValueError: `streams` is empty (as `encode`/`decode` reject an empty batch), or a stream is invalid, was
+                made by another model, or is entropy-coded and `prior` is missing or another prior (a `CodecError`,
+                checked for every stream before any is decoded).
             RuntimeError: the decoder gave NaN or Inf pixels (non-finite weights), rather than returning them.
         """
         if isinstance(streams, (bytes, bytearray, memoryview, str)):
@@ -668,19 +722,37 @@ class QGVAEModel(QGVAEPreTrainedModel):
         streams = list(streams)
         if not streams:
             raise ValueError("streams is an empty list: give at least one byte stream")
-        decoded = decode_batch(
-            streams,
-            codebook_size=self.config.codebook_size,
-            num_tokens=self.config.num_tokens,
-            fingerprint=self.codebook_fingerprint(),
-        )
-        token_ids = np.zeros((len(decoded), self.config.num_tokens), dtype=np.int64)
-        for row, stream in enumerate(decoded):
-            token_ids[row, : stream.prefix_length] = stream.token_ids
+        cfg = self.config
+        if prefix_length is not None and (isinstance(prefix_length, bool) or not isinstance(prefix_length, int)
+                                          or prefix_length < 1):  # fmt: skip
+            raise ValueError(f"prefix_length must be a positive int, got {prefix_length!r}")
+        headers = [read_header(s, cfg.num_tokens, cfg.codebook_size, self.codebook_fingerprint()) for s in streams]
+        lengths = [min(h.prefix_length, prefix_length or cfg.num_tokens) for h in headers]
+        coded = [row for row, header in enumerate(headers) if header.prior_fingerprint is not None]
+        token_ids = np.zeros((len(headers), cfg.num_tokens), dtype=np.int64)
+        for row, header in enumerate(headers):
+            if header.prior_fingerprint is None:
+                token_ids[row, : lengths[row]] = header.decode().token_ids[: lengths[row]]
+        if coded:
+            first = headers[coded[0]].prior_fingerprint.hex()
+            if prior is None:
+                raise CodecError(
+                    f"stream {coded[0]} is entropy-coded with a prior (fingerprint {first}): pass that prior, "
+                    "decompress(streams, prior=prior)"
+                )
+            coder = PriorCoder(prior, cfg.num_tokens, cfg.codebook_size)
+            for row in coded:
+                if headers[row].prior_fingerprint != coder.fingerprint:
+                    raise CodecError(
+                        f"stream {row} was entropy-coded with another prior: fingerprint "
+                        f"{headers[row].prior_fingerprint.hex()} in the stream, {coder.fingerprint.hex()} given"
+                    )
+            decoded = coder.decode([headers[r].payload for r in coded], [lengths[r] for r in coded])
+            for row, ids in zip(coded, decoded):
+                token_ids[row, : len(ids)] = ids
         device = self.quantizer.codebook.device
-        kept = torch.tensor([stream.prefix_length for stream in decoded], device=device)
-        token_ids = torch.from_numpy(token_ids).to(device)
-        pixel_values = self.decode(token_ids, prefix_length=kept).pixel_values
+        kept = torch.tensor(lengths, device=device)
+        pixel_values = self.decode(torch.from_numpy(token_ids).to(device), prefix_length=kept).pixel_values
         self._check_finite(pixel_values, "the decoder's output")
         return pixel_values
 
