@@ -16,10 +16,13 @@ Layout (all integers big-endian, `HEADER_NUM_BYTES` = 20):
     | 16     | 4     | checksum     | uint32   | CRC-32 (zlib) of bytes 0-15 followed by the payload      |
     | 20     | P     | payload      | bytes    | P = `payload_num_bytes(k, K)` = ceil(k * log2(K) / 8)    |
 
-Version 3 streams are entropy-coded with an autoregressive prior (`entropy_coding.py`): the same fields, then the
-prior's 4-byte fingerprint at offset 16 and the checksum at offset 20 (`PRIOR_HEADER_NUM_BYTES` = 24); the payload is
-the range coder's bytes, at most as long as the fixed-width payload (an image that would code longer, or whose stream
-would not decode exactly, is written as version 2 instead: the version byte is the fallback flag).
+Version 3 streams are entropy-coded with an autoregressive prior (`entropy_coding.py`), under a shorter header
+(`PRIOR_HEADER_NUM_BYTES` = 18): magic, version (3), prefix_length (uint16, offset 4), the model's fingerprint (offset
+6), the prior's 4-byte fingerprint (offset 10) and the CRC-32 (offset 14) of bytes 0-13 and the payload. C and K are
+not repeated: the model's fingerprint covers its codebooks' shape, and the decoder takes them from the model. The
+payload is the range coder's bytes, at most as long as the fixed-width payload; an image whose coded stream would be
+no shorter than its fixed-width one, or would not decode exactly, is written as version 2 instead (the version byte is
+the fallback flag).
 
 The payload is the integer sum_i ids[i] * K**(k - 1 - i) (base K, token 0 the most significant digit) written
 big-endian into exactly P = ceil(bit_length(K**k - 1) / 8) bytes, so any K costs k*log2(K) bits plus < 8 bits of
@@ -70,8 +73,8 @@ FORMAT_VERSION = 2
 _HEADER = struct.Struct(">3sBHIH4sI")  # magic, version, C, K, k, fingerprint, checksum
 HEADER_NUM_BYTES = _HEADER.size  # 20
 PRIOR_FORMAT_VERSION = 3
-_PRIOR_HEADER = struct.Struct(">3sBHIH4s4sI")  # magic, version, C, K, k, fingerprint, prior fingerprint, checksum
-PRIOR_HEADER_NUM_BYTES = _PRIOR_HEADER.size  # 24
+_PRIOR_HEADER = struct.Struct(">3sBH4s4sI")  # magic, version, k, fingerprint, prior fingerprint, checksum
+PRIOR_HEADER_NUM_BYTES = _PRIOR_HEADER.size  # 18
 FINGERPRINT_NUM_BYTES = 4
 _MAX_NUM_TOKENS = 2**16 - 1
 _MAX_CODEBOOK_SIZE = 2**32 - 1
@@ -330,7 +333,7 @@ def _header_num_bytes(data: bytes) -> int:
 
 def checksum(data: bytes) -> int:
     """The CRC-32 a stream stores in its header's last 4 bytes: of the header bytes before it followed by the payload
-    (bytes 0-15 and 20 on for version 2, 0-19 and 24 on for version 3)."""
+    (bytes 0-15 and 20 on for version 2, 0-13 and 18 on for version 3)."""
     end = _header_num_bytes(data)
     return zlib.crc32(data[end:], zlib.crc32(data[: end - 4]))
 
@@ -363,7 +366,7 @@ def encode_prior_coded(
     if len(payload) > limit:
         raise CodecError(f"a prior-coded payload of {len(payload)} bytes is longer than the fixed width, {limit}")
     fingerprints = _check_fingerprint(fingerprint), _check_fingerprint(prior_fingerprint)
-    header = _PRIOR_HEADER.pack(MAGIC, PRIOR_FORMAT_VERSION, num_tokens, codebook_size, prefix_length, *fingerprints, 0)
+    header = _PRIOR_HEADER.pack(MAGIC, PRIOR_FORMAT_VERSION, prefix_length, *fingerprints, 0)
     return _sealed(header + bytes(payload))
 
 
@@ -410,14 +413,15 @@ class StreamHeader:
 
     Attributes:
         payload: the bytes after the header.
-        num_tokens: C; codebook_size: K; prefix_length: k, tokens the payload holds; fingerprint: the model's.
+        num_tokens: C; codebook_size: K (None for a version-3 stream read without the model's C and K).
+        prefix_length: k, tokens the payload holds; fingerprint: the model's.
         prior_fingerprint: the 4-byte `entropy_coding.prior_fingerprint` of the prior that coded the payload
             (version 3), or None for a fixed-width payload (version 2).
     """
 
     payload: bytes
-    num_tokens: int
-    codebook_size: int
+    num_tokens: int | None
+    codebook_size: int | None
     prefix_length: int
     fingerprint: bytes
     prior_fingerprint: bytes | None
@@ -446,38 +450,39 @@ def read_header(
     data: bytes, num_tokens: int | None = None, codebook_size: int | None = None, fingerprint: bytes | None = None
 ) -> StreamHeader:
     """Everything `decode_tokens` checks before it decodes the payload, in linear time: header fields, payload
-    length, checksum, then the expected model (the keyword arguments, when given)."""
+    length, checksum, then the expected model (the keyword arguments, when given; a version-3 stream's C and K are
+    those given, and its length bound is checked only when they are)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < HEADER_NUM_BYTES:
-        raise CodecError(f"data is too short to hold a header: {len(data)} bytes < {HEADER_NUM_BYTES}")
-    magic, version = _HEADER.unpack_from(data)[:2]
-    if magic != MAGIC:
-        raise CodecError(f"not a QG-VAE token stream: magic is {magic!r}, expected {MAGIC!r}")
+    if len(data) < 4:
+        raise CodecError(f"data is too short to hold a header: {len(data)} bytes")
+    if data[:3] != MAGIC:
+        raise CodecError(f"not a QG-VAE token stream: magic is {data[:3]!r}, expected {MAGIC!r}")
+    version = data[3]
     if version not in (FORMAT_VERSION, PRIOR_FORMAT_VERSION):
         raise CodecError(
             f"unsupported format version {version}, this codec reads versions {FORMAT_VERSION} (fixed width) and "
             f"{PRIOR_FORMAT_VERSION} (entropy-coded)"
         )
+    header_bytes = _header_num_bytes(data)
+    if len(data) < header_bytes:
+        raise CodecError(f"data is too short to hold a header: {len(data)} bytes < {header_bytes}")
     if version == PRIOR_FORMAT_VERSION:
-        if len(data) < PRIOR_HEADER_NUM_BYTES:
-            raise CodecError(
-                f"data is too short to hold a version-3 header: {len(data)} bytes < {PRIOR_HEADER_NUM_BYTES}"
-            )
-        _, _, total, size, kept, stream_fingerprint, prior, stored_checksum = _PRIOR_HEADER.unpack_from(data)
+        _, _, kept, stream_fingerprint, prior, stored_checksum = _PRIOR_HEADER.unpack_from(data)
+        total, size = num_tokens, codebook_size
     else:
         _, _, total, size, kept, stream_fingerprint, stored_checksum = _HEADER.unpack_from(data)
         prior = None
-    if size < 2:
-        raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
-    if kept == 0 or kept > total:
+        if size < 2:
+            raise CodecError(f"invalid header: codebook_size is {size}, must be at least 2")
+    if kept == 0 or (total is not None and kept > total):
         raise CodecError(f"invalid header: prefix_length is {kept}, must be in [1, num_tokens={total}]")
-    payload = data[_header_num_bytes(data) :]
-    expected_bytes = payload_num_bytes(kept, size)
+    payload = data[header_bytes:]
+    expected_bytes = None if size is None else payload_num_bytes(kept, size)
     if prior is None and len(payload) < expected_bytes:
         raise CodecError(f"truncated payload: {len(payload)} bytes, the header implies {expected_bytes}")
-    if len(payload) > expected_bytes:
+    if expected_bytes is not None and len(payload) > expected_bytes:
         what = "the header implies" if prior is None else "an entropy-coded payload is at most"
         raise CodecError(f"trailing bytes: payload is {len(payload)} bytes, {what} {expected_bytes}")
     computed = checksum(data)

@@ -155,8 +155,11 @@ class PriorCoder:
             candidates = [head] + ([rounded_up.to_bytes(size, "big")] if 0 < size and rounded_up < 256**size else [])
             for candidate in candidates:
                 decoder = constriction.stream.queue.RangeDecoder(_words(candidate))
-                if np.array_equal(decoder.decode(self.family, table), symbols):
-                    return candidate
+                try:
+                    if np.array_equal(decoder.decode(self.family, table), symbols):
+                        return candidate
+                except AssertionError:  # constriction: "compressed data that is invalid for the entropy model"
+                    continue
         return full
 
     @torch.no_grad()
@@ -178,7 +181,7 @@ class PriorCoder:
                 if t < length:
                     try:
                         ids[row, t] = decoder.decode(self.family, table[row : row + 1])[0]
-                    except Exception as error:  # constriction's errors on data no encoder wrote
+                    except AssertionError as error:  # constriction: data no encoder wrote for these frequencies
                         raise CodecError(f"corrupt entropy-coded payload in stream {row}: {error}") from error
             inputs = torch.from_numpy(ids[:, t : t + 1]) + offsets[t]
         return [ids[row, :length] for row, length in enumerate(prefix_lengths)]
@@ -201,8 +204,8 @@ def write_streams(
     max_bytes: int | None = None,
 ) -> list[bytes]:
     """One stream per image of `[B, C]` ids, keeping `prefix_lengths[b]` tokens of image b: entropy-coded with
-    `coder` (fixed width where that is no shorter, where a logit sat on a rounding boundary, or where the stream did
-    not decode back exactly) or fixed width without one. `max_bytes` shortens each prefix to the longest whose stream
+    `coder` (fixed width where that is shorter, where a logit sat on a rounding boundary, or where the stream did not
+    decode back exactly) or fixed width without one. `max_bytes` shortens each prefix to the longest whose stream
     fits; a `CodecError` if not even one token fits."""
     num_images, num_tokens = token_ids.shape
     lengths = np.asarray(prefix_lengths, dtype=np.int64).copy()
@@ -224,7 +227,8 @@ def write_streams(
             payload, kept = _longest_coded_fit(coder, token_ids[b], tables[b], kept, max_bytes, fixed_fit)
         elif not unsafe[b, :kept].any():
             payload = coder.encode_one(token_ids[b, :kept], tables[b, :kept])
-        if payload is not None and (unsafe[b, :kept].any() or len(payload) >= payload_num_bytes(kept, codebook_size)):
+        # a coded stream whose payload is no longer than the fixed width's is shorter (an 18- against a 20-byte header)
+        if payload is not None and (unsafe[b, :kept].any() or len(payload) > payload_num_bytes(kept, codebook_size)):
             payload = None
         if payload is None and max_bytes is not None:
             kept = min(int(lengths[b]), fixed_fit)

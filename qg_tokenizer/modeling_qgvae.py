@@ -726,7 +726,8 @@ class QGVAEModel(QGVAEPreTrainedModel):
         if prefix_length is not None and (isinstance(prefix_length, bool) or not isinstance(prefix_length, int)
                                           or prefix_length < 1):  # fmt: skip
             raise ValueError(f"prefix_length must be a positive int, got {prefix_length!r}")
-        headers = [read_header(s, cfg.num_tokens, cfg.codebook_size, self.codebook_fingerprint()) for s in streams]
+        model_fingerprint = self.codebook_fingerprint()
+        headers = [read_header(s, cfg.num_tokens, cfg.codebook_size, model_fingerprint) for s in streams]
         lengths = [min(h.prefix_length, prefix_length or cfg.num_tokens) for h in headers]
         coded = [row for row, header in enumerate(headers) if header.prior_fingerprint is not None]
         token_ids = np.zeros((len(headers), cfg.num_tokens), dtype=np.int64)

@@ -216,7 +216,7 @@ def header_with(data: bytes, **fields) -> bytes:
 
 BAD_STREAMS = {
     "truncated": (lambda d: d[:-1], "truncated payload: 8 bytes, the header implies 9"),
-    "header only": (lambda d: d[:HEADER_NUM_BYTES - 3], "too short to hold a header"),
+    "header only": (lambda d: d[: HEADER_NUM_BYTES - 3], "too short to hold a header"),
     "corrupt payload": (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "corrupt stream: checksum"),
     "corrupt header": (lambda d: header_with(d, kept=9), "prefix_length is 9, must be in [1, num_tokens=8]"),
     "wrong magic": (lambda d: b"PNG" + d[3:], "not a QG-VAE token stream: magic is b'PNG'"),
@@ -444,3 +444,67 @@ def test_corrupt_weights_are_refused_before_any_output(cli, workspace, out, tmp_
     assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
     expected = "decoder.residual.weight): the file is corrupt" if damage == "nan" else "cannot load the model"
     assert expected in err and not (out / "x.qgt").exists()
+
+
+# ------------------------------------------------------------------------------------------- entropy coding
+@pytest.fixture(scope="module")
+def prior_dir(workspace, model, processor) -> Path:
+    """A prior fitted to the three digits' tokens (so they code shorter than the fixed width), saved as a folder."""
+    from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM
+
+    torch.manual_seed(0)
+    prior = QGPriorForCausalLM(QGPriorConfig(
+        num_image_tokens=model.config.num_tokens, codebook_size=model.config.codebook_size, num_classes=0,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ))  # fmt: skip
+    images = torch.cat([pixels(processor, workspace / f"digit{i}.png") for i in range(3)])
+    inputs = prior.prepare_input_ids(model.encode(images).token_ids)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        prior(inputs, labels=inputs).loss.backward()
+        optimizer.step()
+    prior.eval().save_pretrained(workspace / "prior")
+    return workspace / "prior"
+
+
+def test_cli_entropy_codes_with_a_prior_and_needs_it_back(cli, workspace, model, processor, prior_dir, out):
+    from qg_tokenizer import QGPriorForCausalLM
+    from qg_tokenizer.codec import PRIOR_FORMAT_VERSION
+
+    status, stdout, _ = cli("compress", "digit0.png", "--model", "model", "--prior", str(prior_dir), "-o", "d.qgt")
+    data = (out / "d.qgt").read_bytes()
+    prior = QGPriorForCausalLM.from_pretrained(prior_dir).eval()
+    assert status == 0 and data[3] == PRIOR_FORMAT_VERSION and "entropy-coded payload" in stdout
+    assert data == model.compress(pixels(processor, workspace / "digit0.png"), prior=prior)[0]
+    assert len(data) < len(model.compress(pixels(processor, workspace / "digit0.png"))[0])
+    status, _, err = cli("decompress", "d.qgt", "--model", "model", "-o", "d.png")
+    assert status == 1 and "is entropy-coded with a prior" in err and "--prior DIR" in err
+    status, stdout, _ = cli("decompress", "d.qgt", "--model", "model", "--prior", str(prior_dir), "-o", "d.png",
+                            "--prefix-length", "3")  # fmt: skip
+    expected = processor.postprocess(model.decompress([data], prior=prior, prefix_length=3), "pil")[0]
+    assert status == 0 and "from 3 of 8 tokens" in stdout
+    assert np.array_equal(png_array(out / "d.png"), png_array(expected))
+
+
+def test_cli_rate_control(cli, capsys, workspace, model, processor, prior_dir, out):
+    for prior in ([], ["--prior", str(prior_dir)]):
+        status, stdout, _ = cli(
+            "compress", "digit1.png", "--model", "model", *prior, "--max-bytes", "24", "-o", "m.qgt"
+        )
+        assert status == 0 and len((out / "m.qgt").read_bytes()) <= 24
+    image = pixels(processor, workspace / "digit1.png")
+    target = float(10 * torch.log10(1 / (model.decode(model.encode(image).token_ids, prefix_length=4).pixel_values
+                                         .clamp(0, 1) - image).pow(2).mean()))  # fmt: skip
+    status, stdout, _ = cli("compress", "digit1.png", "--model", "model", "--target-psnr", str(target), "-o", "t.qgt")
+    expected = model.compress(image, target_psnr=target)[0]
+    assert status == 0 and (out / "t.qgt").read_bytes() == expected
+    status, _, err = cli("compress", "digit1.png", "--model", "model", "--max-bytes", "5", "-o", "x.qgt")
+    assert status == 1 and "max_bytes=5 is below the smallest stream" in err
+    status, _, err = cli("compress", "digit1.png", "--model", "model", "--prior", "no-such-dir", "-o", "x.qgt")
+    assert status == 1 and "--prior 'no-such-dir': not a prior folder" in err
+    for bad, message in ((["--target-psnr", "abc"], "expected a number, got 'abc'"),
+                         (["--max-bytes", "0"], "expected an integer >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli("compress", "digit1.png", "--model", "model", *bad, "-o", "x.qgt")
+        assert message in capsys.readouterr().err

@@ -234,7 +234,7 @@ def test_a_stream_that_would_not_decode_exactly_falls_back(model_and_prior, monk
 def test_max_bytes_keeps_the_longest_prefix_that_fits(model_and_prior, with_prior):
     model, prior, images = model_and_prior
     prior = prior if with_prior else None
-    for max_bytes in (HEADER_NUM_BYTES + 2, PRIOR_HEADER_NUM_BYTES + 2, 26):
+    for max_bytes in (HEADER_NUM_BYTES + 1, HEADER_NUM_BYTES + 2, 26):
         streams = model.compress(images[:16], prior=prior, max_bytes=max_bytes)
         assert max(map(len, streams)) <= max_bytes
         for image, stream in zip(images[:16], streams):
@@ -242,8 +242,8 @@ def test_max_bytes_keeps_the_longest_prefix_that_fits(model_and_prior, with_prio
             if kept < C:  # one more token would not fit
                 longer = model.compress(image[None], kept + 1, prior=prior)[0]
                 assert len(longer) > max_bytes
-    with pytest.raises(CodecError, match="max_bytes=20 is below the smallest stream"):
-        model.compress(images[:2], prior=prior, max_bytes=HEADER_NUM_BYTES)
+    with pytest.raises(CodecError, match="max_bytes=17 is below the smallest stream"):
+        model.compress(images[:2], prior=prior, max_bytes=PRIOR_HEADER_NUM_BYTES - 1)
 
 
 @pytest.mark.parametrize("with_prior", [False, True])
@@ -308,6 +308,7 @@ def test_fuzzed_prior_streams_never_crash(model_and_prior):
     with pytest.raises(CodecError, match="longer than the fixed width"):
         encode_prior_coded(bytes(payload_num_bytes(C, K) + 1), C, K, C, fp, prior_fp)
     long = bytearray(encode_prior_coded(b"", C, K, 1, fp, prior_fp)) + bytes(payload_num_bytes(1, K) + 1)
-    long[20:24] = checksum(bytes(long)).to_bytes(4, "big")
+    long[PRIOR_HEADER_NUM_BYTES - 4 : PRIOR_HEADER_NUM_BYTES] = checksum(bytes(long)).to_bytes(4, "big")
     with pytest.raises(CodecError, match="trailing bytes"):
-        read_header(bytes(long))
+        read_header(bytes(long), C, K)
+    assert read_header(bytes(long)).codebook_size is None  # C and K come from the model
