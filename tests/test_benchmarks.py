@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from filelock import FileLock
@@ -270,3 +271,29 @@ def test_benchmarks_resume_their_own_runs_and_clear_another_configs(train, tmp_p
     (folder / "results.json").unlink()
     train(tmp_path, seed=1)  # another config: cleared first, then trained afresh
     assert calls[-1] == (["--resume", "latest"], 1, []) and "note: deleting" in capsys.readouterr().out
+
+
+def test_readme_entropy_coding_block_is_generated_from_the_json():
+    import entropy_coding
+
+    path = entropy_coding.RESULTS
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `python benchmarks/entropy_coding.py measure --update-readme`")
+    results = json.loads(path.read_text())
+    assert entropy_coding.evaluate_targets(results) == results["claims"]
+    assert entropy_coding.render(results) in (ROOT / "README.md").read_text()
+    assert (ROOT / results["figure"]).is_file()
+
+
+def test_entropy_coding_prior_data_jitters_every_digit():
+    import entropy_coding
+
+    from qg_tokenizer.data import load_embedded_mnist
+
+    digits = load_embedded_mnist()["train"].select(range(5))
+    data = entropy_coding.augmented_digits(digits, copies=2)
+    originals = [np.asarray(e["image"]) for e in digits]
+    images = [np.asarray(e["image"]) for e in data]
+    assert len(images) == 15 and all(np.array_equal(a, b) for a, b in zip(images[:5], originals))
+    assert all(not np.array_equal(j, originals[i % 5]) for i, j in enumerate(images[5:]))  # jittered, not copied
+    assert images[5].shape == originals[0].shape
