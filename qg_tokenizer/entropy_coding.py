@@ -94,6 +94,12 @@ def prior_fingerprint(prior: torch.nn.Module) -> bytes:
     return fingerprint(*arrays)
 
 
+def code_lengths(token_ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`[k]` ids and their `[k, K]` frequencies -> `[k]` ideal code length in bits of each prefix (cumulative)."""
+    chosen = table[np.arange(len(token_ids)), token_ids]
+    return np.cumsum(np.log2(table.sum(-1)) - np.log2(chosen))
+
+
 def _words(payload: bytes) -> np.ndarray:
     """The range decoder's input: `payload` padded with zero bytes to whole big-endian uint32 words (at least one)."""
     size = max(4, -(-len(payload) // 4) * 4)
@@ -104,7 +110,8 @@ class PriorCoder:
     """A prior ready to range-code the token ids of one tokenizer (C tokens, K codewords each).
 
     Holds a float64 CPU copy of the prior (in eval mode) and its fingerprint; conditions on the null token (an image
-    is coded without its class). `encode` gives payloads, `decode` reads them back with the KV cache.
+    is coded without its class). `tables` gives the frequencies of whole sequences, `encode_one` an image's payload,
+    `decode` reads payloads back with the KV cache.
     """
 
     def __init__(self, prior: torch.nn.Module, num_tokens: int, codebook_size: int):
@@ -147,8 +154,7 @@ class PriorCoder:
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(symbols, self.family, table)
         full = encoder.get_compressed().astype(">u4").tobytes()
-        chosen = table[np.arange(len(symbols)), symbols]
-        bits = float(np.sum(np.log2(table.sum(-1)) - np.log2(chosen)))
+        bits = code_lengths(symbols, table)[-1]
         for size in range(max(0, int(bits // 8) - 1), len(full)):
             head = full[:size]
             rounded_up = int.from_bytes(head, "big") + 1
@@ -262,8 +268,7 @@ def _longest_coded_fit(
     prefix the ideal code length says fits, down to the fixed width's k (where the shorter stream wins later); (None,
     fixed width's k) when no coded prefix that long fits."""
     fixed_fit = min(limit, fixed_fit)
-    chosen = table[np.arange(limit), token_ids[:limit]]
-    ideal_bytes = np.cumsum(np.log2(table[:limit].sum(-1)) - np.log2(chosen)) / 8  # [limit]
+    ideal_bytes = code_lengths(token_ids[:limit], table[:limit]) / 8
     kept = min(limit, int(np.searchsorted(ideal_bytes, max_bytes - PRIOR_HEADER_NUM_BYTES, side="right")) + 1)
     while kept >= max(fixed_fit, 1):
         payload = coder.encode_one(token_ids[:kept], table[:kept])
