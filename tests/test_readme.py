@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from qg_tokenizer import QGVAEConfig, QGVAEImageProcessor, QGVAEModel
+from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM, QGVAEConfig, QGVAEImageProcessor, QGVAEModel
+from qg_tokenizer.codec import read_header
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,7 +15,7 @@ def python_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_use_snippet_runs_and_its_comments_hold(tmp_path):
+def run_use_snippet(tmp_path) -> tuple[QGVAEModel, dict]:
     torch.manual_seed(0)
     model = QGVAEModel(QGVAEConfig.from_preset("mnist-cpu")).eval()
     model.save_pretrained(tmp_path)
@@ -23,6 +24,11 @@ def test_use_snippet_runs_and_its_comments_hold(tmp_path):
     assert snippets and '"outputs/demo"' in snippets[0]
     namespace: dict = {}
     exec(snippets[0].replace('"outputs/demo"', repr(str(tmp_path))), namespace)  # noqa: S102
+    return model, namespace
+
+
+def test_use_snippet_runs_and_its_comments_hold(tmp_path):
+    model, namespace = run_use_snippet(tmp_path)
     c = model.config.num_tokens
     pixels = namespace["pixels"]
     assert pixels.shape == (8, 1, 28, 28) and 0 <= pixels.min() <= pixels.max() <= 1
@@ -34,5 +40,21 @@ def test_use_snippet_runs_and_its_comments_hold(tmp_path):
     torch.testing.assert_close(namespace["restored"], namespace["recon"])
 
 
+def test_entropy_coding_snippet_runs_and_its_comments_hold(tmp_path):
+    model, namespace = run_use_snippet(tmp_path / "model")
+    snippet = python_snippets()[1]
+    assert '"outputs/entropy-coding/prior-mnist"' in snippet
+    prior = QGPriorForCausalLM(QGPriorConfig(
+        num_image_tokens=model.config.num_tokens, codebook_size=model.config.codebook_size, num_classes=0,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ))  # fmt: skip
+    prior.save_pretrained(tmp_path / "prior")
+    exec(snippet.replace('"outputs/entropy-coding/prior-mnist"', repr(str(tmp_path / "prior"))), namespace)  # noqa: S102
+    torch.testing.assert_close(namespace["restored"], namespace["recon"])
+    assert all(len(s) <= 30 for s in namespace["small"])
+    good = namespace["good"]
+    assert all(read_header(s, model.config.num_tokens, model.config.codebook_size).prefix_length >= 1 for s in good)
+
+
 def test_every_python_snippet_is_covered():
-    assert len(python_snippets()) == 1, "a new README snippet needs a test here"
+    assert len(python_snippets()) == 2, "a new README snippet needs a test here"
