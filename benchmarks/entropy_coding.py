@@ -67,7 +67,10 @@ BENCHMARKS = {
     # 8,000 training digits and 16 jittered copies of each: on the digits alone a 7.6M-parameter prior overfits from
     # step 500 on, and a 2.7M one stops at 120 bits on validation; with 8 copies this one reached 108 in 3,000 steps
     "mnist": Benchmark(
-        "mnist", REPO_ROOT / "outputs" / "converged" / "mnist-qgvae", 6000, "offset",
+        "mnist",
+        REPO_ROOT / "outputs" / "converged" / "mnist-qgvae",
+        6000,
+        "offset",
         ("model.hidden_size=192", "model.num_hidden_layers=4", "model.intermediate_size=576", "eval_every=1000"),
     ),  # fmt: skip
     "photo_set": Benchmark(
@@ -205,8 +208,10 @@ def plot(results: dict, path: Path) -> None:
 
 def render(results: dict) -> str:
     """The README block: the coder against the fixed width and the prior's bits, speeds, rate control, targets."""
-    lines = [README_START, "", f"Measured by `{results['command']}` ({results['machine']['cpus']} CPU cores, "
-             f"torch {results['machine']['torch']}); JSON: `benchmarks/results/entropy_coding.json`.", "",
+    runs = "; ".join(f"`{e['command']}` ({e['torch_threads']} thread{'s' * (e['torch_threads'] > 1)})"
+                     for e in results["benchmarks"].values())  # fmt: skip
+    lines = [README_START, "", f"Measured by {runs} on {results['machine']['cpus']} CPU cores, torch "
+             f"{results['machine']['torch']}; JSON: `benchmarks/results/entropy_coding.json`.", "",
              "| test images | fixed width | prior's held-out bits | entropy-coded payload | saving | fixed width kept "
              "(shorter) | fallback | "
              "decode mismatches (batch 1 / 7 / all) | encode | decode |",
@@ -461,11 +466,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {json.dumps({k: v for k, v in entry.items() if not isinstance(v, (list, dict))})}")
     results["figure"] = str(FIGURE.relative_to(REPO_ROOT))
     results["claims"] = evaluate_targets(results)
-    results["command"] = " ".join(
-        ["python benchmarks/entropy_coding.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}  # fmt: skip
+    command = " ".join(["python benchmarks/entropy_coding.py", *(argv if argv is not None else sys.argv[1:])])
+    for name in args.only:
+        results["benchmarks"][name]["command"] = command
+        results["benchmarks"][name]["torch_threads"] = torch.get_num_threads()
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, FIGURE)
     block = render(results)
