@@ -312,3 +312,24 @@ def test_fuzzed_prior_streams_never_crash(model_and_prior):
     with pytest.raises(CodecError, match="trailing bytes"):
         read_header(bytes(long), C, K)
     assert read_header(bytes(long)).codebook_size is None  # C and K come from the model
+
+
+def test_guard_band_is_far_above_the_float64_path_difference(coder, sampled):
+    """The encoder's whole-sequence logits and the decoder's one-step ones (batches 1 and 7) differ by far less than
+    `GUARD_NATS`, the margin the design relies on."""
+    from transformers import DynamicCache
+
+    prior, ids = coder.prior, torch.from_numpy(sampled[:14])
+    with torch.no_grad():
+        full = prior.codebook_logits(prior.prepare_input_ids(ids)[:, :-1], torch.arange(C))
+        offsets = prior.prepare_input_ids(torch.zeros(1, C, dtype=torch.long))[0, 1:]
+        worst = 0.0
+        for batch in (1, 7):
+            for start in range(0, len(ids), batch):
+                chunk, cache = ids[start : start + batch], DynamicCache(config=prior.config)
+                inputs = prior.conditioning_ids(None, len(chunk), "cpu")
+                for t in range(C):
+                    step = prior.codebook_logits(inputs, torch.tensor([t]), cache)[:, 0]
+                    worst = max(worst, float((step - full[start : start + batch, t]).abs().max()))
+                    inputs = chunk[:, t : t + 1] + offsets[t]
+    assert full.dtype == torch.float64 and worst < ec.GUARD_NATS / 100
