@@ -457,13 +457,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "priors":
         priors(args.workdir)
         return
-    results = json.loads(args.output.read_text()) if args.output.is_file() else {"benchmarks": {}}
     converged = json.loads(CONVERGED.read_text())["benchmarks"]
+    measured = {}
     for name in args.only:
         entry = measure_benchmark(BENCHMARKS[name], args.workdir, RATE_POINTS[name], args.max_images)
         entry["codec_curve"] = converged[name]["codec_curve"]
-        results["benchmarks"][name] = entry
+        measured[name] = entry
         print(f"{name}: {json.dumps({k: v for k, v in entry.items() if not isinstance(v, (list, dict))})}")
+    # read only now: runs for different data sets may go side by side, each adding its own entries
+    results = json.loads(args.output.read_text()) if args.output.is_file() else {"benchmarks": {}}
+    results["benchmarks"].update(measured)
     results["figure"] = str(FIGURE.relative_to(REPO_ROOT))
     results["claims"] = evaluate_targets(results)
     command = " ".join(["python benchmarks/entropy_coding.py", *(argv if argv is not None else sys.argv[1:])])
