@@ -1,7 +1,8 @@
 """Entropy-coded tokens (issue 12): the autoregressive prior as a lossless coder of QG-VAE token ids.
 
     nohup python benchmarks/entropy_coding.py priors > outputs/entropy-coding.log 2>&1 &
-    python benchmarks/entropy_coding.py measure [--update-readme]
+    python benchmarks/entropy_coding.py measure [--only mnist photo_set] [--update-readme]
+    python benchmarks/entropy_coding.py render [--update-readme]   # claims, figure, README block from the JSON
 
 `priors` tokenises each benchmark's images with the tokenizer `benchmarks/converged.py` trained (MNIST, 16 tokens x 9
 bits = 18 bytes; `photo_set`, 64 tokens x 9 bits = 72 bytes) and trains an unconditional prior on the training tokens
@@ -196,7 +197,8 @@ def plot(results: dict, path: Path) -> None:
             points = [r for r in entry["codec_curve"] if r["name"] == variant and r["fraction_fit"] == 1.0]
             if points:
                 axis.plot([r["mean_bytes"] for r in points], [r["psnr"] for r in points], marker + ":", label=variant)
-        axis.set(title=f"{name}: {entry['num_test_images']} test images", xlabel="bytes per image (payload)",
+        axis.set_xscale("log")
+        axis.set(title=f"{name}: {entry['num_test_images']} test images", xlabel="bytes per image (payload, log)",
                  ylabel="PSNR (dB)")  # fmt: skip
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
@@ -418,7 +420,9 @@ def evaluate_targets(results: dict) -> list[dict]:
         claim(f"{name}: fallback rate 0", f"{coded['fallback_rate']:.2%}", coded["fallback_rate"] == 0)
         claim(
             f"{name}: max_bytes streams never exceed N",
-            ", ".join(f"N={p['max_bytes']}: max {p['max_stream_bytes']}" for p in e["max_bytes"]),
+            ", ".join(
+                f"N={p['max_bytes']}{' prior' if p['prior'] else ''}: {p['max_stream_bytes']}" for p in e["max_bytes"]
+            ),
             all(p["within_budget"] for p in e["max_bytes"]),
         )
         reachable = [p for p in e["target_psnr"] if p["met_where_reachable"] is not None]
@@ -446,7 +450,8 @@ def evaluate_targets(results: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["priors", "measure"])
+    parser.add_argument("stage", choices=["priors", "measure", "render"], help="render: the claims, figure and "
+                        "README block again from the JSON")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "entropy-coding")
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
@@ -456,6 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     datasets.disable_progress_bars()
     if args.stage == "priors":
         priors(args.workdir)
+        return
+    if args.stage == "render":
+        results = json.loads(args.output.read_text())
+        write_outputs(results, args.output, args.update_readme)
         return
     converged = json.loads(CONVERGED.read_text())["benchmarks"]
     measured = {}
@@ -467,18 +476,23 @@ def main(argv: list[str] | None = None) -> None:
     # read only now: runs for different data sets may go side by side, each adding its own entries
     results = json.loads(args.output.read_text()) if args.output.is_file() else {"benchmarks": {}}
     results["benchmarks"].update(measured)
-    results["figure"] = str(FIGURE.relative_to(REPO_ROOT))
-    results["claims"] = evaluate_targets(results)
     command = " ".join(["python benchmarks/entropy_coding.py", *(argv if argv is not None else sys.argv[1:])])
     for name in args.only:
         results["benchmarks"][name]["command"] = command
         results["benchmarks"][name]["torch_threads"] = torch.get_num_threads()
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    write_outputs(results, args.output, args.update_readme)
+
+
+def write_outputs(results: dict, path: Path, update_readme: bool) -> None:
+    """The claims into `results`, then the JSON, the figure and (optionally) the README block."""
+    results["figure"] = str(FIGURE.relative_to(REPO_ROOT))
+    results["claims"] = evaluate_targets(results)
+    path.write_text(json.dumps(results, indent=1) + "\n")
     plot(results, FIGURE)
     block = render(results)
     print(block)
-    if args.update_readme:
+    if update_readme:
         replace_block(block, README_START, README_END)
 
 
