@@ -669,7 +669,9 @@ class QGVAEModel(QGVAEPreTrainedModel):
             raise ValueError(f"target_psnr must be a finite number of dB, got {target_psnr!r}")
         cfg = self.config
         limit = cfg.num_tokens if prefix_length is None else prefix_length
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= cfg.num_tokens:
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"prefix_length must be an int, got {type(limit).__name__}")
+        if not 1 <= limit <= cfg.num_tokens:
             raise CodecError(f"prefix_length must be in [1, {cfg.num_tokens}], got {prefix_length!r}")
         coder = None if prior is None else PriorCoder(prior, cfg.num_tokens, cfg.codebook_size)
         encoded = self.encode(pixel_values)

@@ -2,6 +2,7 @@
 fallback path, wrong or missing priors, rate control and fuzzing."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,18 @@ def test_rate_control_arguments_are_checked(model_and_prior):
         model.compress(images[:1], max_bytes=0)
     with pytest.raises(ValueError, match="target_psnr must be a finite number"):
         model.compress(images[:1], target_psnr=float("nan"))
+    with pytest.raises(TypeError, match="prefix_length must be an int, got float"):
+        model.compress(images[:1], 3.0)
+    with pytest.raises(CodecError, match=r"prefix_length must be in \[1, 8\], got 9"):
+        model.compress(images[:1], 9, max_bytes=30)
+    with pytest.raises(ValueError, match="prefix_length must be a positive int"):
+        model.decompress(model.compress(images[:1]), prefix_length=0)
+
+
+def test_saved_models_carry_the_coder_for_remote_code(model_and_prior, tmp_path):
+    model, _, _ = model_and_prior
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "entropy_coding.py").read_text() == Path(ec.__file__).read_text()
 
 
 # --------------------------------------------------------------------------------------------------- fuzzing
