@@ -84,8 +84,8 @@ def _read_tokens(path: str) -> np.ndarray:
     return tokens
 
 
-def _read_stream(path: str, prefix_length: int | None) -> StreamHeader:
-    """A `.qgt` file's header and payload, checked before the model is loaded (also that it holds `prefix_length`)."""
+def _read_stream(path: str, prefix_length: int | None) -> tuple[bytes, StreamHeader]:
+    """A `.qgt` file's bytes and header, checked before the model is loaded (also that it holds `prefix_length`)."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -98,7 +98,7 @@ def _read_stream(path: str, prefix_length: int | None) -> StreamHeader:
         raise CLIError(f"{path!r}: {error}") from None
     if prefix_length is not None and prefix_length > header.prefix_length:
         raise CLIError(f"--prefix-length {prefix_length}: {path!r} holds only {header.prefix_length} tokens")
-    return header
+    return data, header
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -224,15 +224,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def cmd_decompress(args: argparse.Namespace) -> None:
     out = Path(args.output)
-    header = _read_stream(args.file, args.prefix_length)
+    data, header = _read_stream(args.file, args.prefix_length)
     if header.prior_fingerprint is not None and args.prior is None:
         raise CLIError(f"{args.file!r} is entropy-coded with a prior (fingerprint {header.prior_fingerprint.hex()}): "
                        "give it with --prior DIR")  # fmt: skip
     model, processor = _load(args, args.device)
     prior = _load_prior(args)
     try:
-        pixel_values = model.decompress([Path(args.file).read_bytes()], prior=prior, prefix_length=args.prefix_length)
-    except CodecError as error:
+        pixel_values = model.decompress([data], prior=prior, prefix_length=args.prefix_length)
+    except (CodecError, ValueError) as error:  # ValueError: a prior for another tokenizer
         raise CLIError(f"{args.file!r}: {error}") from None
     _save_image(processor.postprocess(pixel_values, "pil")[0], out)
     kept = args.prefix_length or header.prefix_length
