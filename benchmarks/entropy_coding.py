@@ -42,7 +42,7 @@ from readme_blocks import replace_block  # noqa: E402
 from qg_tokenizer import QGPriorForCausalLM  # noqa: E402
 from qg_tokenizer.codec import PRIOR_HEADER_NUM_BYTES, payload_num_bytes, read_header  # noqa: E402
 from qg_tokenizer.data import load_embedded_mnist, load_npz_dataset, load_photos, photo_crop_dataset  # noqa: E402
-from qg_tokenizer.entropy_coding import PriorCoder  # noqa: E402
+from qg_tokenizer.entropy_coding import PriorCoder, read_token_ids  # noqa: E402
 from qg_tokenizer.metrics import psnr  # noqa: E402
 from qg_tokenizer.tokenize import load_tokenizer, tokenize_dataset  # noqa: E402
 from qg_tokenizer.visualize import prefix_lengths  # noqa: E402
@@ -65,8 +65,8 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    # 8,000 training digits and 16 jittered copies of each: on the digits alone a 7.6M-parameter prior overfits from
-    # step 500 on, and a 2.7M one stops at 120 bits on validation; with 8 copies this one reached 108 in 3,000 steps
+    # 8,000 training digits and 16 jittered copies of each: on the digits alone, priors of a few million parameters
+    # overfit early (exploratory runs, not kept); more copies and steps kept lowering the validation bits
     "mnist": Benchmark(
         "mnist",
         REPO_ROOT / "outputs" / "converged" / "mnist-qgvae",
@@ -392,10 +392,9 @@ def measure_benchmark(bench: Benchmark, workdir: Path, rate_points: dict, max_im
 
 
 def decode_ids(coder: PriorCoder, headers: list) -> list[np.ndarray]:
-    """Full token ids of each stream (the whole prefix), from the prior-coded payloads or the fixed-width ones."""
-    coded = [h for h in headers if h.prior_fingerprint is not None]
-    decoded = iter(coder.decode([h.payload for h in coded], [h.prefix_length for h in coded]) if coded else [])
-    return [next(decoded) if h.prior_fingerprint is not None else np.asarray(h.decode().token_ids) for h in headers]
+    """Each stream's token ids (its whole prefix), as `QGVAEModel.decompress` reads them."""
+    token_ids, lengths = read_token_ids(headers, coder.prior.config.num_image_tokens, coder)
+    return [row[:length] for row, length in zip(token_ids, lengths)]
 
 
 def evaluate_targets(results: dict) -> list[dict]:

@@ -426,12 +426,6 @@ class StreamHeader:
     fingerprint: bytes
     prior_fingerprint: bytes | None
 
-    @property
-    def num_bytes(self) -> int:
-        """The whole stream's length, header included."""
-        header = HEADER_NUM_BYTES if self.prior_fingerprint is None else PRIOR_HEADER_NUM_BYTES
-        return header + len(self.payload)
-
     def decode(self) -> QGTokenStream:
         """The token ids of a fixed-width stream; a `CodecError` for an entropy-coded one (it needs its prior)."""
         if self.prior_fingerprint is not None:
@@ -439,9 +433,7 @@ class StreamHeader:
                 f"the stream is entropy-coded with a prior (fingerprint {self.prior_fingerprint.hex()}): decode it "
                 "with that prior, model.decompress(streams, prior=prior)"
             )
-        return self.with_token_ids(_unpack(self.payload, self.codebook_size, self.prefix_length))
-
-    def with_token_ids(self, token_ids: np.ndarray) -> QGTokenStream:
+        token_ids = _unpack(self.payload, self.codebook_size, self.prefix_length)
         token_ids.setflags(write=False)
         return QGTokenStream(token_ids, self.num_tokens, self.codebook_size, self.prefix_length, self.fingerprint)
 

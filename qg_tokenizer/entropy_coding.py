@@ -34,6 +34,7 @@ from .codec import (
     HEADER_NUM_BYTES,
     PRIOR_HEADER_NUM_BYTES,
     CodecError,
+    StreamHeader,
     encode_prior_coded,
     encode_tokens,
     fingerprint,
@@ -132,7 +133,6 @@ class PriorCoder:
             )
         self.fingerprint = prior_fingerprint(prior)
         self.prior = copy.deepcopy(prior).to("cpu", torch.float64).eval()
-        self.num_tokens, self.codebook_size = num_tokens, codebook_size
         self.family = _constriction().stream.model.Categorical(perfect=False)
 
     @torch.no_grad()
@@ -193,6 +193,36 @@ class PriorCoder:
                         raise CodecError(f"corrupt entropy-coded payload in stream {row}: {error}") from error
             inputs = torch.from_numpy(ids[:, t : t + 1]) + offsets[t]
         return [ids[row, :length] for row, length in enumerate(prefix_lengths)]
+
+
+def read_token_ids(
+    headers: Sequence[StreamHeader], num_tokens: int, coder: PriorCoder | None, prefix_length: int | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """Checked streams (`codec.read_header`) -> (`[B, C]` int64 ids, zero after each prefix; each stream's prefix
+    length, at most `prefix_length`): fixed-width payloads unpacked, entropy-coded ones decoded in one batch with
+    `coder`, which must be their prior (a `CodecError` if it is missing or another)."""
+    lengths = [min(h.prefix_length, prefix_length or num_tokens) for h in headers]
+    token_ids = np.zeros((len(headers), num_tokens), dtype=np.int64)
+    coded = [row for row, header in enumerate(headers) if header.prior_fingerprint is not None]
+    for row, header in enumerate(headers):
+        if header.prior_fingerprint is None:
+            token_ids[row, : lengths[row]] = header.decode().token_ids[: lengths[row]]
+    if not coded:
+        return token_ids, lengths
+    if coder is None:
+        raise CodecError(
+            f"stream {coded[0]} is entropy-coded with a prior (fingerprint {headers[coded[0]].prior_fingerprint.hex()})"
+            ": pass that prior, decompress(streams, prior=prior)"
+        )
+    for row in coded:
+        if headers[row].prior_fingerprint != coder.fingerprint:
+            raise CodecError(
+                f"stream {row} was entropy-coded with another prior: fingerprint "
+                f"{headers[row].prior_fingerprint.hex()} in the stream, {coder.fingerprint.hex()} given"
+            )
+    for row, ids in zip(coded, coder.decode([headers[r].payload for r in coded], [lengths[r] for r in coded])):
+        token_ids[row, : len(ids)] = ids
+    return token_ids, lengths
 
 
 def _fixed_width_fit(max_bytes: int, codebook_size: int, limit: int) -> int:
@@ -280,4 +310,6 @@ def _longest_coded_fit(
     return None, fixed_fit
 
 
-__all__ = ["GUARD_NATS", "LOGIT_STEP", "PriorCoder", "frequencies", "prior_fingerprint", "write_streams"]
+__all__ = [
+    "GUARD_NATS", "LOGIT_STEP", "PriorCoder", "frequencies", "prior_fingerprint", "read_token_ids", "write_streams",
+]  # fmt: skip

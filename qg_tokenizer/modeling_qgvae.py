@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from .codec import CodecError, fingerprint, read_header, resolve_prefix_length
 from .configuration_qgvae import QGVAEConfig
-from .entropy_coding import PriorCoder, write_streams
+from .entropy_coding import PriorCoder, read_token_ids, write_streams
 from .quantizer_qgvae import PerTokenQuantizer
 
 
@@ -730,29 +729,9 @@ class QGVAEModel(QGVAEPreTrainedModel):
             raise ValueError(f"prefix_length must be a positive int, got {prefix_length!r}")
         model_fingerprint = self.codebook_fingerprint()
         headers = [read_header(s, cfg.num_tokens, cfg.codebook_size, model_fingerprint) for s in streams]
-        lengths = [min(h.prefix_length, prefix_length or cfg.num_tokens) for h in headers]
-        coded = [row for row, header in enumerate(headers) if header.prior_fingerprint is not None]
-        token_ids = np.zeros((len(headers), cfg.num_tokens), dtype=np.int64)
-        for row, header in enumerate(headers):
-            if header.prior_fingerprint is None:
-                token_ids[row, : lengths[row]] = header.decode().token_ids[: lengths[row]]
-        if coded:
-            first = headers[coded[0]].prior_fingerprint.hex()
-            if prior is None:
-                raise CodecError(
-                    f"stream {coded[0]} is entropy-coded with a prior (fingerprint {first}): pass that prior, "
-                    "decompress(streams, prior=prior)"
-                )
-            coder = PriorCoder(prior, cfg.num_tokens, cfg.codebook_size)
-            for row in coded:
-                if headers[row].prior_fingerprint != coder.fingerprint:
-                    raise CodecError(
-                        f"stream {row} was entropy-coded with another prior: fingerprint "
-                        f"{headers[row].prior_fingerprint.hex()} in the stream, {coder.fingerprint.hex()} given"
-                    )
-            decoded = coder.decode([headers[r].payload for r in coded], [lengths[r] for r in coded])
-            for row, ids in zip(coded, decoded):
-                token_ids[row, : len(ids)] = ids
+        coded = any(header.prior_fingerprint is not None for header in headers)
+        coder = PriorCoder(prior, cfg.num_tokens, cfg.codebook_size) if coded and prior is not None else None
+        token_ids, lengths = read_token_ids(headers, cfg.num_tokens, coder, prefix_length)
         device = self.quantizer.codebook.device
         kept = torch.tensor(lengths, device=device)
         pixel_values = self.decode(torch.from_numpy(token_ids).to(device), prefix_length=kept).pixel_values

@@ -7,6 +7,7 @@ import torch
 
 from qg_tokenizer import QGPriorConfig, QGPriorForCausalLM, QGVAEConfig, QGVAEImageProcessor, QGVAEModel
 from qg_tokenizer.codec import read_header
+from qg_tokenizer.metrics import psnr
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -52,8 +53,14 @@ def test_entropy_coding_snippet_runs_and_its_comments_hold(tmp_path):
     exec(snippet.replace('"outputs/entropy-coding/prior-mnist"', repr(str(tmp_path / "prior"))), namespace)  # noqa: S102
     torch.testing.assert_close(namespace["restored"], namespace["recon"])
     assert all(len(s) <= 30 for s in namespace["small"])
-    good = namespace["good"]
-    assert all(read_header(s, model.config.num_tokens, model.config.codebook_size).prefix_length >= 1 for s in good)
+    c, pixels, prior = model.config.num_tokens, namespace["pixels"], namespace["prior"]
+    kept = [read_header(s, c, model.config.codebook_size).prefix_length for s in namespace["good"]]
+    reached = psnr(model.decompress(namespace["good"], prior=prior), pixels) >= 20.0
+    for k, ok, image in zip(kept, reached, pixels):  # the shortest prefix that reaches 20 dB, else all C tokens
+        assert ok or k == c
+        if k > 1:
+            shorter = model.decode(model.encode(image[None]).token_ids, prefix_length=k - 1).pixel_values
+            assert psnr(shorter, image[None]) < 20.0
 
 
 def test_every_python_snippet_is_covered():
