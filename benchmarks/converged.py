@@ -67,6 +67,8 @@ ABLATION_NAMES = {
     "no_codebook_init": "without data-dependent codebook init", "no_schedule": "without warm-up and cosine decay",
     "reset_every_200": "Voronoi reset every 200 steps instead of 50",
     "lr_2x": "learning rates doubled (2e-3, codebooks 2e-2)", "reference": "reference recipe (SPEC section 6)",
+    "ordering_off": "diagnostic: no token dropout (unordered tokens)",
+    "heads_per_token": "diagnostic: one projection head per token",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -102,20 +104,10 @@ class Benchmark:
     prefixes: tuple[int, ...] = ()  # QG-VAE token prefixes of the rate-distortion curve
     codec_budgets: tuple[int, ...] = ()  # JPEG/WebP curve points (bytes per image) besides the models' budget
     psnr_target: float = 0.0  # the issue's QG-VAE test-PSNR target
-
-
-BENCHMARKS = {
-    "photo_set": Benchmark(
-        "photo_set", "photos32-cpu",
-        {"source": str(PHOTO_SET), "train_split": "train", "eval_split": "test", "random_crops": True,
-         "horizontal_flip": True},
-        3600.0, 1000, 500, 256, (1, 2, 4, 8, 16, 32, 48, 64), (18, 36, 54, 108, 144, 288), 25.6,
-    ),  # fmt: skip
-    "mnist": Benchmark(
-        "mnist", "mnist-cpu", {"source": "embedded-mnist", "train_split": "train", "eval_split": "test"},
-        1800.0, 2000, 1000, 500, (1, 2, 3, 4, 6, 8, 12, 16), (9, 36, 72, 144, 288), 23.0,
-    ),  # fmt: skip
-}
+    validation: dict | None = None  # the `data` keys of the ablations' validation split (held out of training)
+    validation_name: str = ""
+    variants: tuple[str, ...] = ()  # the ablation runs of both models (`VARIANTS`)
+    diagnostics: bool = False  # also the QG-VAE runs of `diagnostic_changes`
 
 
 # one-at-a-time changes of the recipe, each ablated for both models; "model" holds model-config changes
@@ -131,6 +123,33 @@ VARIANTS = {
                   "model": {"commitment_loss_weight": 1.0, "reset_interval": 100}},
 }  # fmt: skip
 SELECTABLE = ("no_codebook_init", "no_schedule", "reset_every_200", "lr_2x")  # "reference" is a yardstick only
+
+
+def diagnostic_changes(model: dict) -> dict[str, dict]:
+    """QG-VAE only, reported beside the ablations and never selected: what ordering the tokens costs at full length
+    (the SPEC's dropout of trailing tokens, which makes every prefix an image) and one projection per token."""
+    return {
+        "ordering_off": {"model": {"token_dropout_prob": 0.0}},
+        "heads_per_token": {"model": {"num_heads": model["num_tokens"]}},
+    }
+
+
+BENCHMARKS = {
+    "photo_set": Benchmark(
+        "photo_set", "photos32-cpu",
+        {"source": str(PHOTO_SET), "train_split": "train", "eval_split": "test", "random_crops": True,
+         "horizontal_flip": True},
+        3600.0, 1000, 500, 256, (1, 2, 4, 8, 16, 32, 48, 64), (18, 36, 54, 108, 144, 288), 25.6,
+        {"validation_photos": 3, "eval_split": "validation", "num_validation_crops": 512},
+        "512 crops of 3 training photos held out", ("full", *SELECTABLE, "reference"),
+    ),  # fmt: skip
+    "mnist": Benchmark(
+        "mnist", "mnist-cpu", {"source": "embedded-mnist", "train_split": "train", "eval_split": "test"},
+        1800.0, 2000, 1000, 500, (1, 2, 3, 4, 6, 8, 12, 16), (9, 36, 72, 144, 288), 23.0,
+        {"validation_images": 1000, "eval_split": "validation"}, "the last 1,000 training digits, held out",
+        ("full", *SELECTABLE), diagnostics=True,
+    ),  # fmt: skip
+}
 
 
 def with_changes(config: dict, changes: dict) -> dict:
@@ -172,12 +191,14 @@ def select_changes(rows: dict) -> dict:
     return changes
 
 
-def selected_changes(model_type: str) -> dict:
-    """`select_changes` of `model_type`'s ablations in `converged.json`; an error if `ablate` has not run for it."""
-    runs = json.loads(RESULTS.read_text()).get("ablations", {}).get(model_type, {}).get("runs", {}) if (
-        RESULTS.is_file()) else {}  # fmt: skip
+def selected_changes(bench: str, model_type: str) -> dict:
+    """`select_changes` of `model_type`'s ablations on `bench` in `converged.json`; an error if `ablate` has not run
+    for them."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    runs = results.get("ablations", {}).get(bench, {}).get(model_type, {}).get("runs", {})
     if not {"full", "ema"} <= set(runs):
-        raise SystemExit(f"no finished {model_type} ablations in {RESULTS}: run `converged.py ablate` first")
+        raise SystemExit(f"no finished {model_type} ablations on {bench} in {RESULTS}: "
+                         f"run `converged.py ablate --only {bench}` first")  # fmt: skip
     return select_changes(runs)
 
 
@@ -207,44 +228,51 @@ def train(workdir: Path, names: list[str]) -> None:
     for name in names:
         bench = BENCHMARKS[name]
         print(f"{name}: QG-VAE and patch VQ-VAE side by side, {bench.train_seconds / 60:.0f} min each", flush=True)
-        configs = [train_config(bench, m, workdir, selected_changes(m)) for m in MODEL_NAMES]
+        configs = [train_config(bench, m, workdir, selected_changes(name, m)) for m in MODEL_NAMES]
         train_pairs(configs, workdir)
 
 
-def ablation_configs(workdir: Path, seconds: float, model_type: str) -> dict[str, dict]:
-    """`model_type` on photo_set, `seconds` each, scored on crops of 3 training photos held out of the stream (never
-    the test photos): the full recipe and each of `VARIANTS` (the EMA's effect is read from the full run's EMA model
-    against its raw weights, `live_psnr`); "reference" is SPEC section 6 (lr 2e-4, no codebook-rate boost,
-    commitment 1.0, reset every 100 steps, no schedule, EMA or data initialisation)."""
-    base = train_config(BENCHMARKS["photo_set"], model_type, workdir / "ablations")
+def ablation_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
+    """`model_type` on `bench`, `seconds` each, scored on its validation split held out of the training data (never
+    the test split): the full recipe and each of `bench.variants` (the EMA's effect is read from the full run's EMA
+    model against its raw weights, `live_psnr`), and for QG-VAE `diagnostic_changes` if `bench.diagnostics`;
+    "reference" is SPEC section 6 (lr 2e-4, no codebook-rate boost, commitment 1.0, reset every 100 steps, no
+    schedule, EMA or data initialisation)."""
+    base = train_config(bench, model_type, workdir / "ablations")
     base |= {"max_train_time": seconds, "eval_every": 10**6, "max_eval_samples": None, "checkpoint_every": 250}
-    base["data"] = base["data"] | {"validation_photos": 3, "eval_split": "validation", "num_validation_crops": 512}
+    base["data"] = base["data"] | bench.validation
+    changes = {name: VARIANTS[name] for name in bench.variants}
+    if bench.diagnostics and model_type == "qgvae":
+        changes |= diagnostic_changes(base["model"])
     folder = workdir / "ablations"
     return {
-        name: with_changes(base, changes) | {"output_dir": str(folder / f"photo_set-{model_type}-{name}")}
-        for name, changes in VARIANTS.items()
+        name: with_changes(base, change) | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
+        for name, change in changes.items()
     }
 
 
-def ablate(workdir: Path, seconds: float) -> dict:
-    """Train both models' ablation runs (interleaved, two at a time) and add their validation scores and the
-    selected recipe changes to `converged.json`."""
-    configs = {m: ablation_configs(workdir, seconds, m) for m in MODEL_NAMES}
-    train_pairs([c for pair in zip(*(c.values() for c in configs.values())) for c in pair], workdir)
+def ablate(workdir: Path, seconds: float, names: list[str]) -> dict:
+    """Train both models' ablation runs on each benchmark of `names` (interleaved, two at a time; QG-VAE's
+    diagnostics after them) and add their validation scores and the selected recipe changes to `converged.json`."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
-    results["ablations"] = {m: ablation_rows(c) for m, c in configs.items()}
-    RESULTS.write_text(json.dumps(results, indent=2))
-    for model_type, ablations in results["ablations"].items():
-        for name, row in ablations["runs"].items():
-            print(f"{model_type:12} {name:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
-        print(f"{model_type:12} selected changes: {select_changes(ablations['runs'])}")
+    for name in names:
+        bench = BENCHMARKS[name]
+        configs = {m: ablation_configs(workdir, seconds, m, bench) for m in MODEL_NAMES}
+        shared = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
+        train_pairs(shared + [c for v, c in configs["qgvae"].items() if v not in bench.variants], workdir)
+        results.setdefault("ablations", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
+        RESULTS.write_text(json.dumps(results, indent=2))
+        for model_type, ablations in results["ablations"][name].items():
+            for variant, row in ablations["runs"].items():
+                print(f"{name:10} {model_type:12} {variant:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
+            print(f"{name:10} {model_type:12} selected changes: {select_changes(ablations['runs'])}")
     return results
 
 
-def ablation_rows(configs: dict[str, dict]) -> dict:
+def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
     """Validation PSNR of each finished ablation run, from the raw weights (`live_psnr`) where the run kept an EMA:
     a few hundred steps are too few for an EMA of decay 0.999 to forget its start; `ema` reports the full run's EMA
-    model beside them."""
+    model beside them. QG-VAE rows also hold the PSNR of the first C/2 tokens (`half_prefix_psnr`)."""
     runs = {}
     for name, config in configs.items():
         path = Path(config["output_dir"]) / "results.json"
@@ -252,13 +280,15 @@ def ablation_rows(configs: dict[str, dict]) -> dict:
             runs[name] = json.loads(path.read_text())
     rows = {}
     for name, r in runs.items():
-        final = r["history"][-1]
+        final, half = r["history"][-1], configs[name]["model"]["num_tokens"] // 2
         rows[name] = {"validation_psnr": final.get("live_psnr", final["psnr"]), "steps": r["step"],
                       "train_time": r["train_time"], "usage_min": r["train_set_usage"]["usage_min"]}  # fmt: skip
+        if f"psnr_k{half}" in final:  # QG-VAE: the first C/2 tokens, from the saved (EMA) model
+            rows[name]["half_prefix_psnr"] = final[f"psnr_k{half}"]
     if "full" in runs:
         rows["ema"] = rows["full"] | {"validation_psnr": runs["full"]["history"][-1]["psnr"]}
     seconds = next(iter(configs.values()))["max_train_time"]
-    return {"seconds": seconds, "validation": "512 crops of 3 training photos held out", "runs": rows}
+    return {"seconds": seconds, "validation": bench.validation_name, "runs": rows}
 
 
 # ---------------------------------------------------------------------------------------------------- analysis
@@ -475,20 +505,9 @@ def render_block(results: dict) -> str:
     lines += ["", "| data | target | measured | met |", "|---|---|---|---|"]
     for name, entry in results["benchmarks"].items():
         lines += [f"| {name} | {t['target']} | {t['measured']} | {mark[t['met']]} |" for t in entry["targets"]]
-    for model_type, ablations in results.get("ablations", {}).items():
-        full = ablations["runs"]["full"]["validation_psnr"]
-        lines += [
-            "",
-            f"Recipe ablations ({MODEL_NAMES[model_type]}, photo_set, {ablations['seconds'] / 60:.0f} min each, two at "
-            f"a time; scored on {ablations['validation']}, never the test photos). Selected changes, used by both "
-            f"benchmarks above: `{json.dumps(results['recipe']['selected_changes'][model_type])}`",
-            "",
-            "| run | validation PSNR (dB) | vs full recipe | steps |",
-            "|---|---|---|---|",
-        ]
-        for name, row in ablations["runs"].items():
-            psnr_ = row["validation_psnr"]
-            lines.append(f"| {ABLATION_NAMES[name]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |")
+    for name, benchmark_ablations in results.get("ablations", {}).items():
+        for model_type, ablations in benchmark_ablations.items():
+            lines += ablation_table(name, model_type, ablations, results["recipe"]["selected_changes"][name])
     if "shared_recipe_run" in results:
         lines += [
             "",
@@ -511,6 +530,26 @@ def render_block(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(name: str, model_type: str, ablations: dict, selected: dict) -> list[str]:
+    """README lines of one model's ablations on benchmark `name` and the changes they select."""
+    full = ablations["runs"]["full"]["validation_psnr"]
+    qg = model_type == "qgvae"
+    lines = [
+        "",
+        f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "
+        f"time; scored on {ablations['validation']}, never the test split). Selected changes, used by the {name} "
+        f"benchmark above: `{json.dumps(selected[model_type])}`",
+        "",
+        "| run | validation PSNR (dB) | vs full recipe | steps |" + (" first C/2 tokens, EMA (dB) |" if qg else ""),
+        "|---|---|---|---|" + ("---|" if qg else ""),
+    ]
+    for variant, row in ablations["runs"].items():
+        psnr_, half = row["validation_psnr"], row.get("half_prefix_psnr")
+        prefix = (f" {half:.2f} |" if half is not None else " - |") if qg else ""
+        lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |{prefix}")
+    return lines
+
+
 def shared_recipe_rows(previous: dict) -> dict:
     """The test PSNRs (saved EMA model and raw weights), steps and paired QG-VAE minus patch difference of the run
     with one shared recipe (`SHARED_RECIPE_RESULTS`), per benchmark."""
@@ -529,12 +568,16 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
         entry = analyse_benchmark(BENCHMARKS[name], workdir)
         results["benchmarks"][name] = entry
         results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, workdir).items()}
-    if (workdir / "ablations").is_dir():
-        seconds = next(iter(results.get("ablations", {}).values()), {}).get("seconds", 300.0)
-        results["ablations"] = {m: ablation_rows(ablation_configs(workdir, seconds, m)) for m in MODEL_NAMES}
+    for name, ablations in results.get("ablations", {}).items():  # re-read: a run may have finished since
+        for model_type, previous in ablations.items():
+            bench = BENCHMARKS[name]
+            rows = ablation_rows(ablation_configs(workdir, previous["seconds"], model_type, bench), bench)
+            if rows["runs"]:  # a checkout without the runs keeps the JSON's
+                ablations[model_type] = rows
     if SHARED_RECIPE_RESULTS.is_file():
         results["shared_recipe_run"] = shared_recipe_rows(json.loads(SHARED_RECIPE_RESULTS.read_text()))
-    selected = {m: select_changes(a["runs"]) for m, a in results["ablations"].items()}
+    selected = {name: {m: select_changes(a["runs"]) for m, a in ablations.items()}
+                for name, ablations in results["ablations"].items()}  # fmt: skip
     results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE, "selected_changes": selected}
     RESULTS.write_text(json.dumps(results, indent=2))
     block = render_block(results)
@@ -559,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "train":
         train(args.workdir, args.only)
     elif args.stage == "ablate":
-        ablate(args.workdir, args.ablation_seconds)
+        ablate(args.workdir, args.ablation_seconds, args.only)
     else:
         analyse(args.workdir, args.only, args.update_readme)
 

@@ -41,11 +41,15 @@ def test_pair_configs_share_recipe_bytes_and_time(name, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
-def test_ablations_use_held_out_training_photos_and_change_one_thing(model_type, tmp_path):
-    configs = converged.ablation_configs(tmp_path, seconds=60, model_type=model_type)
+@pytest.mark.parametrize("bench", list(converged.BENCHMARKS))
+def test_ablations_use_held_out_training_data_and_change_one_thing(bench, model_type, tmp_path):
+    configs = converged.ablation_configs(tmp_path, 60, model_type, converged.BENCHMARKS[bench])
     full = configs["full"]
-    assert full["model"]["model_type"] == model_type
-    assert full["data"]["eval_split"] == "validation" and full["data"]["validation_photos"] == 3
+    assert full["model"]["model_type"] == model_type and full["data"]["eval_split"] == "validation"
+    if bench == "photo_set":
+        assert full["data"]["validation_photos"] == 3
+    else:
+        assert full["data"]["validation_images"] == 1000 and full["data"]["source"] == "embedded-mnist"
     assert full["max_train_time"] == 60
     changed = {name: {k for k in c if c[k] != full[k] and k != "output_dir"} for name, c in configs.items()}
     assert changed["full"] == set()
@@ -54,9 +58,17 @@ def test_ablations_use_held_out_training_photos_and_change_one_thing(model_type,
     assert changed["reset_every_200"] == {"model"} and configs["reset_every_200"]["model"]["reset_interval"] == 200
     assert configs["reset_every_200"]["model"] == full["model"] | {"reset_interval": 200}
     assert changed["lr_2x"] == {"learning_rate", "codebook_learning_rate"}
-    assert configs["reference"]["model"]["commitment_loss_weight"] == 1.0
-    assert configs["reference"]["learning_rate"] == 2e-4 and configs["reference"]["ema_decay"] is None
+    if bench == "photo_set":  # the yardstick, measured once
+        assert configs["reference"]["model"]["commitment_loss_weight"] == 1.0
+        assert configs["reference"]["learning_rate"] == 2e-4 and configs["reference"]["ema_decay"] is None
+    diagnostics = {"ordering_off", "heads_per_token"} if (bench, model_type) == ("mnist", "qgvae") else set()
+    yardstick = ["reference"] if bench == "photo_set" else []
+    assert set(configs) == {"full", *converged.SELECTABLE, *yardstick} | diagnostics
+    if diagnostics:
+        assert configs["ordering_off"]["model"] == full["model"] | {"token_dropout_prob": 0.0}
+        assert configs["heads_per_token"]["model"] == full["model"] | {"num_heads": 16}
     assert len({c["output_dir"] for c in configs.values()}) == len(configs)
+    assert all(Path(c["output_dir"]).name.startswith(f"{bench}-{model_type}-") for c in configs.values())
 
 
 def test_selection_keeps_an_addition_only_if_the_ablation_shows_it_helps(tmp_path):
@@ -77,11 +89,12 @@ def test_selection_keeps_an_addition_only_if_the_ablation_shows_it_helps(tmp_pat
 
 def test_training_refuses_to_run_before_the_ablations(tmp_path, monkeypatch):
     monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
-    with pytest.raises(SystemExit, match="no finished qgvae ablations.*run `converged.py ablate` first"):
-        converged.selected_changes("qgvae")
-    (tmp_path / "converged.json").write_text(json.dumps({"ablations": {"qgvae": {"runs": {"full": {}}}}}))
-    with pytest.raises(SystemExit, match="no finished qgvae ablations"):
-        converged.selected_changes("qgvae")
+    with pytest.raises(SystemExit, match="no finished qgvae ablations on mnist.*`converged.py ablate --only mnist`"):
+        converged.selected_changes("mnist", "qgvae")
+    ablations = {"photo_set": {"qgvae": {"runs": {"full": {}, "ema": {}}}}, "mnist": {"qgvae": {"runs": {"full": {}}}}}
+    (tmp_path / "converged.json").write_text(json.dumps({"ablations": ablations}))
+    with pytest.raises(SystemExit, match="no finished qgvae ablations on mnist"):  # another benchmark's do not count
+        converged.selected_changes("mnist", "qgvae")
 
 
 def entry(qg_psnr: float, patch_psnr: float, codec_psnr: float, usage_min: float = 0.95) -> dict:
@@ -124,7 +137,7 @@ def test_readme_block_is_generated_from_the_json():
 def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
     """`training/configs/photo-set.yaml` trains exactly what the benchmark quotes (bar its output and logging)."""
     shipped = load_config(train.TrainConfig, ROOT / "training" / "configs" / "photo-set.yaml")
-    selected = converged.selected_changes("qgvae")  # from the committed converged.json
+    selected = converged.selected_changes("photo_set", "qgvae")  # from the committed converged.json
     benchmark = converged.train_config(converged.BENCHMARKS["photo_set"], "qgvae", tmp_path, selected)
     assert shipped.model == benchmark["model"]
     for key, value in benchmark.items():
@@ -134,13 +147,14 @@ def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
 
 
 def test_ablation_rows_score_raw_weights_and_report_the_ema(tmp_path):
-    configs = converged.ablation_configs(tmp_path, seconds=60, model_type="qgvae")
+    bench = converged.BENCHMARKS["photo_set"]
+    configs = converged.ablation_configs(tmp_path, 60, "qgvae", bench)
     for name, psnr in (("full", 20.0), ("no_schedule", 19.0)):
         folder = Path(configs[name]["output_dir"])
         folder.mkdir(parents=True)
         history = [{"psnr": 9.0, "live_psnr": psnr}] if name == "full" else [{"psnr": psnr}]
         results = {"history": history, "step": 10, "train_time": 60.0, "train_set_usage": {"usage_min": 0.5}}
         (folder / "results.json").write_text(json.dumps(results))
-    rows = converged.ablation_rows(configs)
+    rows = converged.ablation_rows(configs, bench)
     assert rows["seconds"] == 60 and set(rows["runs"]) == {"full", "no_schedule", "ema"}  # unfinished runs left out
     assert [rows["runs"][n]["validation_psnr"] for n in ("full", "no_schedule", "ema")] == [20.0, 19.0, 9.0]

@@ -20,7 +20,7 @@ TRAINING = Path(__file__).resolve().parents[1] / "training"
 sys.path.insert(0, str(TRAINING))
 
 import train  # noqa: E402
-from common import ConfigError  # noqa: E402
+from common import ConfigError, DataConfig, load_splits  # noqa: E402
 
 COLOUR = [f"model.{k}={v}" for k, v in {**TINY, "num_channels": 3, "reset_interval": 3}.items()]
 
@@ -162,6 +162,24 @@ def test_learning_rate_schedule_on_the_time_clock(tmp_path, photos):
     assert results["train_time"] >= 3 and lrs[-1] < 0.3 * max(lrs)
     with pytest.raises(ConfigError, match="lr_schedule_clock 'time' needs max_train_time"):
         train.main(crop_argv(tmp_path / "bad", photos, "lr_schedule_clock=time"))
+
+
+def test_validation_images_hold_out_the_end_of_a_fixed_training_split(photos):
+    full = load_image_dataset("embedded-mnist", "train")
+    pixels = lambda split, i: np.asarray(split[i]["image"])  # noqa: E731
+    train_split, validation = load_splits(DataConfig(eval_split="validation", validation_images=100), 1)
+    assert (len(train_split), len(validation)) == (len(full) - 100, 100)
+    assert np.array_equal(pixels(validation, 0), pixels(full, len(full) - 100))
+    assert np.array_equal(pixels(validation, 99), pixels(full, len(full) - 1))
+    assert np.array_equal(pixels(train_split, len(full) - 101), pixels(full, len(full) - 101))
+    held_out = {pixels(validation, i).tobytes() for i in range(100)}
+    assert not held_out & {pixels(train_split, i).tobytes() for i in range(len(full) - 200, len(full) - 100)}
+    train_split, test = load_splits(DataConfig(validation_images=100), 1)  # the test split is untouched
+    assert (len(train_split), len(test)) == (len(full) - 100, len(load_image_dataset("embedded-mnist", "test")))
+    with pytest.raises(ConfigError, match=rf"data.validation_images must be in \[0, {len(full)}\), got {len(full)}"):
+        load_splits(DataConfig(eval_split="validation", validation_images=len(full)), 1)
+    with pytest.raises(ConfigError, match="data.validation_images needs a fixed training split"):
+        load_splits(DataConfig(source=str(photos), random_crops=True, validation_images=4), 1, 16)
 
 
 def test_validation_split_holds_out_training_photos(tmp_path, photos):

@@ -237,6 +237,8 @@ class DataConfig:
     # `num_validation_crops` fixed crops of them (for choosing a recipe without the test photos)
     validation_photos: int = 0
     num_validation_crops: int = 512
+    # a fixed (map-style) training split: hold its last N images out of training; eval_split "validation" is then them
+    validation_images: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- accelerate set-up
@@ -679,11 +681,14 @@ def load_splits(
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset]:
     """The training and evaluation splits, with load errors reported as [`ConfigError`]s naming the `data.` key.
 
-    With `data.random_crops` and `validation_photos`, eval_split "validation" is fixed crops (`image_size` px) of
-    the held-out training photos.
+    eval_split "validation" (for choosing a recipe without the test split) is, with `data.random_crops` and
+    `validation_photos`, fixed crops (`image_size` px) of the held-out training photos; with `validation_images`, the
+    last `validation_images` images of the training split, which then trains on the others.
     """
     loaded = []
-    validation = data.random_crops and data.eval_split == "validation" and data.validation_photos > 0
+    validation = data.eval_split == "validation" and (
+        (data.random_crops and data.validation_photos > 0) or data.validation_images > 0
+    )  # fmt: skip
     splits = [("train_split", data.train_split)] + ([] if validation else [("eval_split", data.eval_split)])
     for split_key, split in splits:
         try:
@@ -699,7 +704,19 @@ def load_splits(
             raise ConfigError(f"data.{key}: {err}") from err
         except Exception as err:  # hub look-ups fail with network/hub-specific errors
             raise ConfigError(f"data.source: could not load {data.source!r}: {err}") from err
-    if validation:
+    if data.validation_images:
+        train_split = loaded[0]
+        if data.random_crops or not isinstance(train_split, Dataset):
+            raise ConfigError("data.validation_images needs a fixed training split (no random_crops, no streaming)")
+        if not 0 < data.validation_images < len(train_split):
+            raise ConfigError(
+                f"data.validation_images must be in [0, {len(train_split)}), got {data.validation_images}"
+            )
+        cut = len(train_split) - data.validation_images
+        loaded[0] = train_split.select(range(cut))
+        if validation:
+            loaded.append(train_split.select(range(cut, len(train_split))))
+    elif validation:
         loaded.append(photo_crop_dataset(training_photos(data)[1], image_size, data.num_validation_crops, seed=10**6))
     return loaded[0], loaded[1]
 
