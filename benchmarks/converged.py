@@ -55,9 +55,12 @@ from qg_tokenizer.data import MNIST_NUM_TRAIN, MNIST_PATH  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "converged.json"
-# the same benchmark run before the recipe selection (commit ca0bf35): one shared recipe, warm-up + cosine decay,
-# EMA (the saved model) and data-dependent codebook init for both models
-SHARED_RECIPE_RESULTS = HERE / "results" / "converged_shared_recipe.json"
+# earlier runs of the same benchmarks, kept beside the current one in the README: their JSON and recipe
+EARLIER_RUNS = {
+    "converged_shared_recipe.json": "before any selection (commit ca0bf35): one shared recipe, warm-up and cosine "
+    "decay, an EMA of the weights as the saved model, data-dependent codebook init",
+    "converged_photo_selected_recipe.json": "with the recipes selected on photo_set's ablations (commit 7f1b9d8)",
+}
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
 USAGE_TARGET = 0.9
@@ -508,24 +511,26 @@ def render_block(results: dict) -> str:
     for name, benchmark_ablations in results.get("ablations", {}).items():
         for model_type, ablations in benchmark_ablations.items():
             lines += ablation_table(name, model_type, ablations, results["recipe"]["selected_changes"][name])
-    if "shared_recipe_run" in results:
+    if results.get("earlier_runs"):
         lines += [
             "",
-            "The same benchmark before the recipe selection, both models with one shared recipe (warm-up and cosine "
-            "decay, an EMA of the weights as the saved model, data-dependent codebook init; "
-            "`benchmarks/results/converged_shared_recipe.json`):",
+            "Earlier runs of the same benchmarks (PSNR of the saved model, with the raw weights' after a slash where "
+            "the saved model is an EMA), in `benchmarks/results/`:",
             "",
-            "| data | QG-VAE test PSNR, EMA / raw (dB) | patch VQ-VAE, EMA / raw (dB) | steps (QG / patch) | "
-            "QG-VAE minus patch, 95% interval |",
-            "|---|---|---|---|---|",
+            *[f"- `{run['file']}`: {run['recipe']}" for run in results["earlier_runs"]],
+            "",
+            "| run | data | QG-VAE test PSNR (dB) | patch VQ-VAE (dB) | steps (QG / patch) | QG-VAE minus patch, 95% "
+            "interval |",
+            "|---|---|---|---|---|---|",
         ]
-        for name, row in results["shared_recipe_run"]["benchmarks"].items():
-            qg, patch, diff = row["qgvae"], row["patch_vqvae"], row["qgvae_minus_patch_per_image"]
-            lines.append(
-                f"| {name} | {qg['psnr']:.2f} / {qg['raw_psnr']:.2f} | {patch['psnr']:.2f} / {patch['raw_psnr']:.2f} "
-                f"| {qg['steps']:,} / {patch['steps']:,} | {diff['mean']:+.2f} [{diff['ci95'][0]:+.2f}, "
-                f"{diff['ci95'][1]:+.2f}] |"
-            )
+        for run in results["earlier_runs"]:
+            for name, row in run["benchmarks"].items():
+                qg, patch, diff = row["qgvae"], row["patch_vqvae"], row["qgvae_minus_patch_per_image"]
+                lines.append(
+                    f"| `{run['file']}` | {name} | {earlier_psnr(qg)} | "
+                    f"{earlier_psnr(patch)} | {qg['steps']:,} / {patch['steps']:,} | {diff['mean']:+.2f} "
+                    f"[{diff['ci95'][0]:+.2f}, {diff['ci95'][1]:+.2f}] |"
+                )
     lines += ["", "Figures: " + ", ".join(f"[{k}]({v})" for k, v in results["figures"].items()), README_END]
     return "\n".join(lines)
 
@@ -550,15 +555,19 @@ def ablation_table(name: str, model_type: str, ablations: dict, selected: dict) 
     return lines
 
 
-def shared_recipe_rows(previous: dict) -> dict:
-    """The test PSNRs (saved EMA model and raw weights), steps and paired QG-VAE minus patch difference of the run
-    with one shared recipe (`SHARED_RECIPE_RESULTS`), per benchmark."""
+def earlier_psnr(row: dict) -> str:
+    return f"{row['psnr']:.2f}" + (f" / {row['raw_psnr']:.2f}" if row["raw_psnr"] is not None else "")
+
+
+def earlier_run_rows(previous: dict) -> dict[str, dict]:
+    """The test PSNRs (saved model, and raw weights where the saved model is an EMA), steps and paired QG-VAE minus
+    patch difference of an earlier run (`EARLIER_RUNS`), per benchmark."""
     rows = {}
     for name, entry in previous["benchmarks"].items():
         rows[name] = {m: {"psnr": entry[m]["psnr"], "raw_psnr": entry[m]["history"][-1].get("live_psnr"),
                           "steps": entry[m]["steps"]} for m in MODEL_NAMES}  # fmt: skip
         rows[name]["qgvae_minus_patch_per_image"] = entry["qgvae_minus_patch_per_image"]
-    return {"recipe": previous["recipe"]["train"], "benchmarks": rows}
+    return rows
 
 
 def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
@@ -574,8 +583,11 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
             rows = ablation_rows(ablation_configs(workdir, previous["seconds"], model_type, bench), bench)
             if rows["runs"]:  # a checkout without the runs keeps the JSON's
                 ablations[model_type] = rows
-    if SHARED_RECIPE_RESULTS.is_file():
-        results["shared_recipe_run"] = shared_recipe_rows(json.loads(SHARED_RECIPE_RESULTS.read_text()))
+    earlier = {file: HERE / "results" / file for file in EARLIER_RUNS}
+    results["earlier_runs"] = [
+        {"file": file, "recipe": EARLIER_RUNS[file], "benchmarks": earlier_run_rows(json.loads(path.read_text()))}
+        for file, path in earlier.items() if path.is_file()
+    ]  # fmt: skip
     selected = {name: {m: select_changes(a["runs"]) for m, a in ablations.items()}
                 for name, ablations in results["ablations"].items()}  # fmt: skip
     results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE, "selected_changes": selected}
