@@ -335,16 +335,17 @@ def compare_codecs(bench: Benchmark, images: np.ndarray, budget: int) -> tuple[l
     return at_budget, curve
 
 
-def analyse_benchmark(bench: Benchmark, workdir: Path) -> dict:
+def analyse_benchmark(bench: Benchmark, workdir: Path, models: dict) -> dict:
+    """Test metrics, FLOPs and training history of the pair `models` (by model type) trained in `workdir`, their
+    paired difference, JPEG/WebP on the same images and the target verdicts."""
     uint8_images = test_images(bench.name)
     images = to_tensor(uint8_images)
     entry = {"num_test_images": len(images), "train_seconds": bench.train_seconds}
-    for model_type in ("qgvae", "patch_vqvae"):
-        folder = workdir / f"{bench.name}-{model_type}"
-        results = json.loads((folder / "results.json").read_text())
+    for model_type, model in models.items():
+        results = json.loads((workdir / f"{bench.name}-{model_type}" / "results.json").read_text())
         prefixes = bench.prefixes if model_type == "qgvae" else ()
-        entry[model_type] = summarize_run(results, analyse_model(folder, images, prefixes, influence_images=4))
-        entry[model_type] |= flops_per_image(AutoModel.from_pretrained(folder).eval(), images)
+        entry[model_type] = summarize_run(results, analyse_model(model, images, prefixes, influence_images=4))
+        entry[model_type] |= flops_per_image(model, images)
     qg, patch = entry["qgvae"], entry["patch_vqvae"]
     entry["budget_bytes"] = budget = qg["bytes_per_image"]
     entry["qgvae_minus_patch_per_image"] = paired_difference(qg["psnr_per_image"], patch["psnr_per_image"])
@@ -392,7 +393,7 @@ def targets(bench: Benchmark, entry: dict) -> list[dict]:
     return rows
 
 
-def plot_benchmark(name: str, entry: dict, workdir: Path) -> dict[str, str]:
+def plot_benchmark(name: str, entry: dict, models: dict) -> dict[str, str]:
     """Training curves, the rate-distortion curve against JPEG/WebP and labelled progressive grids."""
     import matplotlib
 
@@ -443,7 +444,7 @@ def plot_benchmark(name: str, entry: dict, workdir: Path) -> dict[str, str]:
     picks = images[np.linspace(0, len(images) - 1, 8).round().astype(int)]
     fig, axes = plt.subplots(2, 1, figsize=(8, 8), height_ratios=(5, 2))
     for ax, model_type in zip(axes, ("qgvae", "patch_vqvae")):
-        labelled_progressive(ax, AutoModel.from_pretrained(workdir / f"{name}-{model_type}").eval(), picks)
+        labelled_progressive(ax, models[model_type], picks)
         ax.set_title(f"{MODEL_NAMES[model_type]}, {entry['budget_bytes']} bytes per image", fontsize=10)
     fig.tight_layout()
     paths["progressive"] = save_figure(fig, f"converged_{name}_progressive.png")
@@ -574,9 +575,10 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     results["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}"
     for name in names:
-        entry = analyse_benchmark(BENCHMARKS[name], workdir)
+        models = {m: AutoModel.from_pretrained(workdir / f"{name}-{m}").eval() for m in MODEL_NAMES}
+        entry = analyse_benchmark(BENCHMARKS[name], workdir, models)
         results["benchmarks"][name] = entry
-        results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, workdir).items()}
+        results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, models).items()}
     for name, ablations in results.get("ablations", {}).items():  # re-read: a run may have finished since
         for model_type, previous in ablations.items():
             bench = BENCHMARKS[name]

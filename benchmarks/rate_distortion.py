@@ -230,9 +230,9 @@ def throughput(fn, batch: torch.Tensor, repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def analyse_model(folder: Path, images: torch.Tensor, prefixes: tuple[int, ...], influence_images: int) -> dict:
-    """Per-image PSNR of the full reconstruction and of every prefix, SSIM, influence coverage, speed, parameters."""
-    model = AutoModel.from_pretrained(folder).eval()
+def analyse_model(model, images: torch.Tensor, prefixes: tuple[int, ...], influence_images: int) -> dict:
+    """Per-image PSNR of the full reconstruction and of every prefix, SSIM, influence coverage, speed, parameters of
+    the (eval-mode) `model`."""
     config = model.config
     token_ids = torch.cat([model.encode(chunk).token_ids for chunk in images.split(250)])
     per_prefix = {}
@@ -712,7 +712,8 @@ def main(argv: list[str] | None = None) -> dict:
         budget = math.ceil(budget["num_tokens"] * math.log2(budget["codebook_size"]) / 8)
 
         def analyse(run: Run, prefixes: tuple[int, ...] = dataset.prefixes, images: torch.Tensor = images) -> dict:
-            analysis = analyse_model(workdir / run.name, images, prefixes, mode.influence_images)
+            model = AutoModel.from_pretrained(workdir / run.name).eval()
+            analysis = analyse_model(model, images, prefixes, mode.influence_images)
             return summarize_run(trained[run.name], analysis)
 
         seeds = []
