@@ -286,7 +286,7 @@ def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
         final, half = r["history"][-1], configs[name]["model"]["num_tokens"] // 2
         rows[name] = {"validation_psnr": final.get("live_psnr", final["psnr"]), "steps": r["step"],
                       "train_time": r["train_time"], "usage_min": r["train_set_usage"]["usage_min"]}  # fmt: skip
-        if f"psnr_k{half}" in final:  # QG-VAE: the first C/2 tokens, from the saved (EMA) model
+        if configs[name]["model"]["model_type"] == "qgvae":  # the first C/2 tokens, from the saved (EMA) model
             rows[name]["half_prefix_psnr"] = final[f"psnr_k{half}"]
     if "full" in runs:
         rows["ema"] = rows["full"] | {"validation_psnr": runs["full"]["history"][-1]["psnr"]}
