@@ -283,11 +283,11 @@ def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
             runs[name] = json.loads(path.read_text())
     rows = {}
     for name, r in runs.items():
-        final, half = r["history"][-1], configs[name]["model"]["num_tokens"] // 2
+        final, model = r["history"][-1], configs[name]["model"]
         rows[name] = {"validation_psnr": final.get("live_psnr", final["psnr"]), "steps": r["step"],
                       "train_time": r["train_time"], "usage_min": r["train_set_usage"]["usage_min"]}  # fmt: skip
-        if configs[name]["model"]["model_type"] == "qgvae":  # the first C/2 tokens, from the saved (EMA) model
-            rows[name]["half_prefix_psnr"] = final[f"psnr_k{half}"]
+        if model["model_type"] == "qgvae":  # the first C/2 tokens, from the saved (EMA) model
+            rows[name]["half_prefix_psnr"] = final[f"psnr_k{model['num_tokens'] // 2}"]
     if "full" in runs:
         rows["ema"] = rows["full"] | {"validation_psnr": runs["full"]["history"][-1]["psnr"]}
     seconds = next(iter(configs.values()))["max_train_time"]
