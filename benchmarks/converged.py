@@ -511,7 +511,7 @@ def render_block(results: dict) -> str:
         lines += [f"| {name} | {t['target']} | {t['measured']} | {mark[t['met']]} |" for t in entry["targets"]]
     for name, benchmark_ablations in results.get("ablations", {}).items():
         for model_type, ablations in benchmark_ablations.items():
-            lines += ablation_table(name, model_type, ablations, results["recipe"]["selected_changes"][name])
+            lines += ablation_table(name, model_type, ablations)
     if results.get("earlier_runs"):
         lines += [
             "",
@@ -536,7 +536,7 @@ def render_block(results: dict) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(name: str, model_type: str, ablations: dict, selected: dict) -> list[str]:
+def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
     """README lines of one model's ablations on benchmark `name` and the changes they select."""
     full = ablations["runs"]["full"]["validation_psnr"]
     qg = model_type == "qgvae"
@@ -544,7 +544,7 @@ def ablation_table(name: str, model_type: str, ablations: dict, selected: dict) 
         "",
         f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "
         f"time; scored on {ablations['validation']}, never the test split). Selected changes, used by the {name} "
-        f"benchmark above: `{json.dumps(selected[model_type])}`",
+        f"benchmark above: `{json.dumps(select_changes(ablations['runs']))}`",
         "",
         "| run | validation PSNR (dB) | vs full recipe | steps |" + (" first C/2 tokens, EMA (dB) |" if qg else ""),
         "|---|---|---|---|" + ("---|" if qg else ""),

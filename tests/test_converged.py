@@ -146,6 +146,22 @@ def test_photo_set_yaml_is_the_benchmarks_qgvae_recipe(tmp_path):
     assert shipped.data.random_crops and shipped.data.eval_split == "test"
 
 
+def test_mnist_demo_yaml_is_the_mnist_benchmarks_qgvae_recipe(tmp_path):
+    """`make demo` trains the MNIST benchmark's QG-VAE with its recipe (selected on held-out training digits) for a
+    shorter time, evaluating and logging more often."""
+    shipped = load_config(train.TrainConfig, ROOT / "training" / "configs" / "mnist-demo.yaml")
+    selected = converged.selected_changes("mnist", "qgvae")  # from the committed converged.json
+    benchmark = converged.train_config(converged.BENCHMARKS["mnist"], "qgvae", tmp_path, selected)
+    assert shipped.model == benchmark["model"]
+    budget_keys = ("max_steps", "max_train_time", "eval_every", "max_eval_samples", "eval_batch_size",
+                   "checkpoint_every", "checkpoints_total_limit", "log_every", "final_usage_samples")  # fmt: skip
+    for key, value in benchmark.items():
+        if key not in ("output_dir", "model", "data", "mixed_precision", "report_to", *budget_keys):
+            assert getattr(shipped, key) == value, key
+    assert shipped.data.source == "embedded-mnist" and shipped.data.eval_split == "test"
+    assert shipped.max_train_time < benchmark["max_train_time"]
+
+
 @pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
 def test_ablation_rows_score_raw_weights_and_report_the_ema(model_type, tmp_path):
     bench = converged.BENCHMARKS["photo_set"]
