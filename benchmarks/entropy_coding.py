@@ -18,6 +18,7 @@ block.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -120,8 +121,10 @@ def image_splits(name: str) -> datasets.DatasetDict:
 
 
 def token_splits(bench: Benchmark, workdir: Path) -> Path:
-    """The folder of `bench`'s tokenised splits (made once per tokenizer)."""
-    folder = workdir / f"tokens-{bench.name}"
+    """The folder of `bench`'s tokenised splits, made once per tokenizer: its name holds a hash of the tokenizer's
+    weights, so a retrained tokenizer gets new tokens (and, through the `tokens=` override, a new prior)."""
+    weights = hashlib.sha256((bench.tokenizer / "model.safetensors").read_bytes()).hexdigest()[:12]
+    folder = workdir / f"tokens-{bench.name}-{weights}"
     if not (folder / "dataset_dict.json").is_file():
         splits = tokenize_dataset(image_splits(bench.name), *load_tokenizer(bench.tokenizer), keep_columns=[])
         splits.save_to_disk(folder)

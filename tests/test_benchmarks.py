@@ -297,3 +297,35 @@ def test_entropy_coding_prior_data_jitters_every_digit():
     assert len(images) == 15 and all(np.array_equal(a, b) for a, b in zip(images[:5], originals))
     assert all(not np.array_equal(j, originals[i % 5]) for i, j in enumerate(images[5:]))  # jittered, not copied
     assert images[5].shape == originals[0].shape
+
+
+def test_entropy_coding_tokens_follow_the_tokenizer(tmp_path, monkeypatch):
+    """The cached token splits are keyed by the tokenizer's weights: a retrained tokenizer is tokenised again."""
+    import datasets
+    import entropy_coding
+    import PIL.Image
+    import torch
+
+    from qg_tokenizer import QGVAEImageProcessor, QGVAEModel
+
+    from .conftest import tiny_config
+
+    images = [PIL.Image.fromarray(np.full((16, 16), 40 * i, np.uint8)) for i in range(3)]
+    monkeypatch.setattr(entropy_coding, "image_splits", lambda name: datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())))  # fmt: skip
+    tokenizer = tmp_path / "tokenizer"
+
+    def save_tokenizer(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = QGVAEModel(tiny_config()).eval()
+        model.save_pretrained(tokenizer)
+        QGVAEImageProcessor.from_model_config(model.config).save_pretrained(tokenizer)
+
+    bench = replace(entropy_coding.BENCHMARKS["mnist"], tokenizer=tokenizer)
+    save_tokenizer(0)
+    first = entropy_coding.token_splits(bench, tmp_path)
+    assert entropy_coding.token_splits(bench, tmp_path) == first  # the same weights: reused
+    save_tokenizer(1)
+    second = entropy_coding.token_splits(bench, tmp_path)
+    assert second != first and first.is_dir() and second.is_dir()
+    assert datasets.load_from_disk(second)["train"]["token_ids"] != datasets.load_from_disk(first)["train"]["token_ids"]
