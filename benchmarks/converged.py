@@ -1,6 +1,6 @@
 """Trained to their potential (issue 11): QG-VAE against the patch VQ-VAE at equal bytes and equal wall time.
 
-    nohup sh -c 'python benchmarks/converged.py ablate --ablation-seconds 300 && python benchmarks/converged.py train' \
+    nohup sh -c 'python benchmarks/converged.py ablate && python benchmarks/converged.py train' \
         > outputs/converged.log 2>&1 &
     python benchmarks/converged.py analyse [--workdir outputs/converged] [--update-readme]
 
@@ -10,13 +10,16 @@ the same machine), each run for the same training time (evaluations and checkpoi
    patch VQ-VAE (8x8 grid, one shared codebook of 512) with the same recipe; trained on fresh random crops of the 22
    training photos, evaluated on the fixed `test` crops of the 6 held-out photos;
 2. MNIST (18 bytes: 16 tokens x 9 bits), 30 minutes: QG-VAE `mnist-cpu`, the patch VQ-VAE `mnist-cpu` (4x4 grid).
-Each model's recipe is chosen by `ablate` (run it first): every model type trains `RECIPE` (warm-up and cosine decay
-over the training time, EMA of the weights, data-dependent codebook initialisation, the short-run CPU settings) and
-each one-at-a-time change of `VARIANTS` for the same short time on photo_set, scored on crops of training photos held
-out of the stream; `select_changes` keeps an addition only if removing it loses validation PSNR and takes an
-alternative only if it gains (the same sweep for both models). The stages resume: a finished run (its folder holds
-`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint, and a folder
-whose run had another config is deleted (with a note) and trained again (`common.reusable_run`).
+Each model's recipe on each benchmark is chosen by `ablate` (run it first): every model type trains `RECIPE`
+(warm-up and cosine decay over the training time, EMA of the weights, data-dependent codebook initialisation, the
+short-run CPU settings) and each one-at-a-time change of `VARIANTS` for the same short time (5 minutes on photo_set,
+8 on MNIST), scored on data held out of training (crops of 3 training photos held out of the stream; the last 1,000
+training digits), never the test split; `select_changes` keeps an addition only if removing it loses validation PSNR
+and takes an alternative only if it gains (the same sweep for both models). On MNIST, QG-VAE also runs the
+`diagnostic_changes` (no token dropout, one head per token), reported and never selected. The stages resume: a
+finished run (its folder holds `results.json` for the same config) is kept, an interrupted one continues from its
+newest checkpoint, and a folder whose run had another config is deleted (with a note) and trained again
+(`common.reusable_run`).
 
 `analyse` reads the runs and writes `benchmarks/results/converged.json`, figures under `benchmarks/results/figures/`
 (`converged_<data>_training.png`, `converged_<data>_progressive.png`, `converged_<data>_rate_distortion.png`) and, with
@@ -111,6 +114,7 @@ class Benchmark:
     validation_name: str = ""
     variants: tuple[str, ...] = ()  # the ablation runs of both models (`VARIANTS`)
     diagnostics: bool = False  # also the QG-VAE runs of `diagnostic_changes`
+    ablation_seconds: float = 300.0  # training time of each ablation run
 
 
 # one-at-a-time changes of the recipe, each ablated for both models; "model" holds model-config changes
@@ -150,7 +154,7 @@ BENCHMARKS = {
         "mnist", "mnist-cpu", {"source": "embedded-mnist", "train_split": "train", "eval_split": "test"},
         1800.0, 2000, 1000, 500, (1, 2, 3, 4, 6, 8, 12, 16), (9, 36, 72, 144, 288), 23.0,
         {"validation_images": 1000, "eval_split": "validation"}, "the last 1,000 training digits, held out",
-        ("full", *SELECTABLE), diagnostics=True,
+        ("full", *SELECTABLE), diagnostics=True, ablation_seconds=480.0,
     ),  # fmt: skip
 }
 
@@ -254,13 +258,14 @@ def ablation_configs(workdir: Path, seconds: float, model_type: str, bench: Benc
     }
 
 
-def ablate(workdir: Path, seconds: float, names: list[str]) -> dict:
+def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dict:
     """Train both models' ablation runs on each benchmark of `names` (interleaved, two at a time; QG-VAE's
-    diagnostics after them) and add their validation scores and the selected recipe changes to `converged.json`."""
+    diagnostics after them), each for `seconds` (default: the benchmark's `ablation_seconds`), and add their
+    validation scores to `converged.json`."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     for name in names:
         bench = BENCHMARKS[name]
-        configs = {m: ablation_configs(workdir, seconds, m, bench) for m in MODEL_NAMES}
+        configs = {m: ablation_configs(workdir, seconds or bench.ablation_seconds, m, bench) for m in MODEL_NAMES}
         shared = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
         train_pairs(shared + [c for v, c in configs["qgvae"].items() if v not in bench.variants], workdir)
         results.setdefault("ablations", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
@@ -607,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
-    parser.add_argument("--ablation-seconds", type=float, default=360.0, help="training time of each ablation run")
+    parser.add_argument("--ablation-seconds", type=float, help="training time of each ablation run (default: the "
+                        "benchmark's, 300 s on photo_set, 480 s on MNIST)")  # fmt: skip
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.train_seconds is not None:
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "train":
         train(args.workdir, args.only)
     elif args.stage == "ablate":
-        ablate(args.workdir, args.ablation_seconds, args.only)
+        ablate(args.workdir, args.only, args.ablation_seconds)
     else:
         analyse(args.workdir, args.only, args.update_readme)
 

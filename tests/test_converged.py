@@ -178,3 +178,29 @@ def test_ablation_rows_score_raw_weights_and_report_the_ema(model_type, tmp_path
     assert [rows["runs"][n]["validation_psnr"] for n in ("full", "no_schedule", "ema")] == [20.0, 19.0, 9.0]
     halves = [rows["runs"][n].get("half_prefix_psnr") for n in ("full", "no_schedule")]
     assert halves == ([18.0, 17.0] if model_type == "qgvae" else [None, None])  # a patch model has no prefixes
+
+
+def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypatch):
+    monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
+    seen = []
+
+    def fake_pairs(configs: list[dict], workdir: Path) -> None:
+        for config in configs:
+            seen.append(config)
+            folder = Path(config["output_dir"])
+            folder.mkdir(parents=True, exist_ok=True)
+            final = {"psnr": 20.0, "psnr_k8": 18.0, "psnr_k32": 18.0}
+            results = {"history": [final], "step": 1, "train_time": 1.0, "train_set_usage": {"usage_min": 1.0}}
+            (folder / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(converged, "train_pairs", fake_pairs)
+    results = converged.ablate(tmp_path, ["photo_set", "mnist"])
+    names = [Path(c["output_dir"]).name for c in seen]
+    assert {c["max_train_time"] for c in seen if "photo_set" in c["output_dir"]} == {300}
+    assert {c["max_train_time"] for c in seen if "mnist" in c["output_dir"]} == {480}
+    assert names[:2] == ["photo_set-qgvae-full", "photo_set-patch_vqvae-full"]  # the pairs interleave the models
+    assert names[-2:] == ["mnist-qgvae-ordering_off", "mnist-qgvae-heads_per_token"]  # diagnostics after the sweep
+    assert set(results["ablations"]) == {"photo_set", "mnist"} and json.loads(converged.RESULTS.read_text()) == results
+    seen.clear()
+    converged.ablate(tmp_path / "other", ["mnist"], seconds=60)
+    assert {c["max_train_time"] for c in seen} == {60}
