@@ -280,7 +280,9 @@ def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dic
 def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
     """Validation PSNR of each finished ablation run, from the raw weights (`live_psnr`) where the run kept an EMA:
     a few hundred steps are too few for an EMA of decay 0.999 to forget its start; `ema` reports the full run's EMA
-    model beside them. QG-VAE rows also hold the PSNR of the first C/2 tokens (`half_prefix_psnr`)."""
+    model beside them. Where the benchmark runs the QG-VAE diagnostics (the price of ordering), its rows also hold
+    the PSNR of the first C/2 tokens (`half_prefix_psnr`) of the saved model, the EMA (at 5 minutes on photo_set, an
+    EMA of decay 0.999 is still near its initial weights, so photo_set's rows have none)."""
     runs = {}
     for name, config in configs.items():
         path = Path(config["output_dir"]) / "results.json"
@@ -291,7 +293,7 @@ def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
         final, model = r["history"][-1], configs[name]["model"]
         rows[name] = {"validation_psnr": final.get("live_psnr", final["psnr"]), "steps": r["step"],
                       "train_time": r["train_time"], "usage_min": r["train_set_usage"]["usage_min"]}  # fmt: skip
-        if model["model_type"] == "qgvae":  # the first C/2 tokens, from the saved (EMA) model
+        if bench.diagnostics and model["model_type"] == "qgvae":  # the first C/2 tokens, from the saved model
             rows[name]["half_prefix_psnr"] = final[f"psnr_k{model['num_tokens'] // 2}"]
     if "full" in runs:
         rows["ema"] = rows["full"] | {"validation_psnr": runs["full"]["history"][-1]["psnr"]}
@@ -544,7 +546,7 @@ def render_block(results: dict) -> str:
 def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
     """README lines of one model's ablations on benchmark `name` and the changes they select."""
     full = ablations["runs"]["full"]["validation_psnr"]
-    qg = model_type == "qgvae"
+    qg = model_type == "qgvae" and BENCHMARKS[name].diagnostics
     lines = [
         "",
         f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "

@@ -163,21 +163,25 @@ def test_mnist_demo_yaml_is_the_mnist_benchmarks_qgvae_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
-def test_ablation_rows_score_raw_weights_and_report_the_ema(model_type, tmp_path):
-    bench = converged.BENCHMARKS["photo_set"]
+@pytest.mark.parametrize("name", list(converged.BENCHMARKS))
+def test_ablation_rows_score_raw_weights_and_report_the_ema(name, model_type, tmp_path):
+    bench = converged.BENCHMARKS[name]
     configs = converged.ablation_configs(tmp_path, 60, model_type, bench)
-    for name, psnr in (("full", 20.0), ("no_schedule", 19.0)):
-        folder = Path(configs[name]["output_dir"])
+    for variant, psnr in (("full", 20.0), ("no_schedule", 19.0)):
+        folder = Path(configs[variant]["output_dir"])
         folder.mkdir(parents=True)
-        final = {"psnr": 9.0, "live_psnr": psnr} if name == "full" else {"psnr": psnr}
-        history = [final | {"psnr_k16": psnr - 3, "psnr_k32": psnr - 2}]  # C = 64 tokens
+        final = {"psnr": 9.0, "live_psnr": psnr} if variant == "full" else {"psnr": psnr}
+        history = [final | {"psnr_k4": psnr - 3, "psnr_k8": psnr - 2, "psnr_k32": psnr - 1}]  # C/2: MNIST 8, photo 32
         results = {"history": history, "step": 10, "train_time": 60.0, "train_set_usage": {"usage_min": 0.5}}
         (folder / "results.json").write_text(json.dumps(results))
     rows = converged.ablation_rows(configs, bench)
     assert rows["seconds"] == 60 and set(rows["runs"]) == {"full", "no_schedule", "ema"}  # unfinished runs left out
     assert [rows["runs"][n]["validation_psnr"] for n in ("full", "no_schedule", "ema")] == [20.0, 19.0, 9.0]
     halves = [rows["runs"][n].get("half_prefix_psnr") for n in ("full", "no_schedule")]
-    assert halves == ([18.0, 17.0] if model_type == "qgvae" else [None, None])  # a patch model has no prefixes
+    # the first C/2 tokens where the QG-VAE diagnostics run; a patch model has no prefixes
+    assert halves == ([18.0, 17.0] if (name, model_type) == ("mnist", "qgvae") else [None, None])
+    table = "\n".join(converged.ablation_table(name, model_type, rows))
+    assert ("first C/2 tokens" in table) == ((name, model_type) == ("mnist", "qgvae"))
 
 
 def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypatch):
