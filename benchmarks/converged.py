@@ -546,24 +546,26 @@ def render_block(results: dict) -> str:
 def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
     """README lines of one model's ablations on benchmark `name` and the changes they select."""
     full = ablations["runs"]["full"]["validation_psnr"]
-    qg = model_type == "qgvae" and BENCHMARKS[name].diagnostics
+    prefix_column = model_type == "qgvae" and BENCHMARKS[name].diagnostics
     lines = [
         "",
         f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "
         f"time; scored on {ablations['validation']}, never the test split). Selected changes, used by the {name} "
         f"benchmark above: `{json.dumps(select_changes(ablations['runs']))}`",
         "",
-        "| run | validation PSNR (dB) | vs full recipe | steps |" + (" first C/2 tokens, EMA (dB) |" if qg else ""),
-        "|---|---|---|---|" + ("---|" if qg else ""),
+        "| run | validation PSNR (dB) | vs full recipe | steps |"
+        + (" first C/2 tokens, EMA (dB) |" if prefix_column else ""),
+        "|---|---|---|---|" + ("---|" if prefix_column else ""),
     ]
     for variant, row in ablations["runs"].items():
         psnr_, half = row["validation_psnr"], row.get("half_prefix_psnr")
-        prefix = (f" {half:.2f} |" if half is not None else " - |") if qg else ""
+        prefix = (f" {half:.2f} |" if half is not None else " - |") if prefix_column else ""
         lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |{prefix}")
     return lines
 
 
 def earlier_psnr(row: dict) -> str:
+    """"saved" or "saved / raw" test PSNR of an earlier run's model (`earlier_run_rows`)."""
     return f"{row['psnr']:.2f}" + (f" / {row['raw_psnr']:.2f}" if row["raw_psnr"] is not None else "")
 
 
