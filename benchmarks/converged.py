@@ -63,6 +63,8 @@ EARLIER_RUNS = {
     "converged_shared_recipe.json": "before any selection (commit ca0bf35): one shared recipe, warm-up and cosine "
     "decay, an EMA of the weights as the saved model, data-dependent codebook init",
     "converged_photo_selected_recipe.json": "with the recipes selected on photo_set's ablations (commit 7f1b9d8)",
+    "converged_photo_lr1e3.json": "QG-VAE at lr 1e-3 on photo_set (commit 06e4e3e): its doubled-rate ablation had "
+    "shared the cores with other work (397 steps against 628) and lost; run again on idle cores, it won",
 }
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
@@ -421,8 +423,12 @@ def plot_benchmark(name: str, entry: dict, models: dict) -> dict[str, str]:
                          label=f"{MODEL_NAMES[model_type]} (raw weights)")  # fmt: skip
         axes[1].plot(minutes, [h["train_usage_min"] for h in history], style, color=color, ms=3,
                      label=MODEL_NAMES[model_type])  # fmt: skip
-    axes[0].set(xlabel="training minutes (1 thread each, side by side)", ylabel="test PSNR (dB)", title=name)
-    axes[1].set(xlabel="training minutes", ylabel="codeword usage, least-used codebook", ylim=(0, 1.02))
+    evaluated = BENCHMARKS[name].max_eval_samples  # periodic evaluations; the final one uses every test image
+    last = entry["num_test_images"]
+    title = name if evaluated is None else f"{name}: first {evaluated} test images, the last point all {last}"
+    axes[0].set(xlabel="training minutes (1 thread each, side by side)", ylabel="test PSNR (dB)", title=title)
+    axes[1].set(xlabel="training minutes", ylabel="codeword usage, least-used codebook", ylim=(0, 1.02),
+                title="over the training batches since the previous point")  # fmt: skip
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
