@@ -6,8 +6,9 @@
 
 `priors` tokenises each benchmark's images with the tokenizer `benchmarks/converged.py` trained (MNIST, 16 tokens x 9
 bits = 18 bytes; `photo_set`, 64 tokens x 9 bits = 72 bytes) and trains an unconditional prior on the training tokens
-with `training/train_prior.py` (the two side by side, one thread each), evaluated on a validation split (MNIST: the
-last 1,000 training digits; photo_set: 1,000 fresh crops of the training photos); the test split is only measured.
+with `training/train_prior.py` (the two side by side, one thread each; a lone one gets both), evaluated on a validation
+split (MNIST: the last 1,000 training digits; photo_set: 1,000 fresh crops of the training photos); the test split is
+only measured.
 Runs resume and are reused as in the other benchmarks (`common.reusable_run`).
 
 `measure` compresses the test images with and without the prior and writes `benchmarks/results/entropy_coding.json`,
@@ -140,25 +141,34 @@ def prior_overrides(bench: Benchmark, tokens: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def train_prior(bench: Benchmark, workdir: Path) -> dict:
-    tokens = token_splits(bench, workdir)
-    run, overrides = workdir / f"prior-{bench.name}", prior_overrides(bench, tokens)
-    record = {"config": str(PRIOR_CONFIG.relative_to(REPO_ROOT)), "overrides": overrides}
-    results = reusable_run(run, workdir / "configs" / f"{run.name}.yaml", record)
-    if results is None:
-        results = run_training(
-            run, [*overrides, "--resume", "latest"], PRIOR_CONFIG, num_threads=1,
-            log_file=workdir / f"{run.name}.log", script=TRAIN_PRIOR_SCRIPT,
-        )  # fmt: skip
-    return results
+def prior_runs(workdir: Path) -> dict[str, tuple[Path, list[str], dict | None]]:
+    """Each benchmark's prior run: its folder, its `train_prior.py` overrides and its `results.json` if it finished
+    with them (`reusable_run`; else None, ready to train). Tokenises first, where needed (both cores)."""
+    runs = {}
+    for name, bench in BENCHMARKS.items():
+        run, overrides = workdir / f"prior-{name}", prior_overrides(bench, token_splits(bench, workdir))
+        record = {"config": str(PRIOR_CONFIG.relative_to(REPO_ROOT)), "overrides": overrides}
+        runs[name] = run, overrides, reusable_run(run, workdir / "configs" / f"{run.name}.yaml", record)
+    return runs
 
 
 def priors(workdir: Path) -> None:
-    for bench in BENCHMARKS.values():  # tokenise first (both cores), then train side by side
-        token_splits(bench, workdir)
-    with ThreadPoolExecutor(len(BENCHMARKS)) as pool:
-        for bench, results in zip(BENCHMARKS.values(), pool.map(train_prior, BENCHMARKS.values(), [workdir] * 2)):
-            print(f"{bench.name}: {results['eval']['bits_per_image']:.2f} bits/image on validation")
+    """Train the priors that have not finished side by side, the cores split between them."""
+    runs = prior_runs(workdir)
+    num_threads = max(1, (os.cpu_count() or 1) // max(1, sum(results is None for *_, results in runs.values())))
+
+    def train_prior(name: str) -> dict:
+        run, overrides, results = runs[name]
+        if results is None:
+            results = run_training(
+                run, [*overrides, "--resume", "latest"], PRIOR_CONFIG, num_threads=num_threads,
+                log_file=workdir / f"{run.name}.log", script=TRAIN_PRIOR_SCRIPT,
+            )  # fmt: skip
+        return results
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        for name, results in zip(runs, pool.map(train_prior, runs)):
+            print(f"{name}: {results['eval']['bits_per_image']:.2f} bits/image on validation")
 
 
 # ------------------------------------------------------------------------------------------------------ measure

@@ -329,3 +329,25 @@ def test_entropy_coding_tokens_follow_the_tokenizer(tmp_path, monkeypatch):
     second = entropy_coding.token_splits(bench, tmp_path)
     assert second != first and first.is_dir() and second.is_dir()
     assert datasets.load_from_disk(second)["train"]["token_ids"] != datasets.load_from_disk(first)["train"]["token_ids"]
+
+
+@pytest.mark.parametrize("finished", [(), ("mnist",)])
+def test_entropy_coding_priors_split_the_cores_between_the_runs_left(tmp_path, monkeypatch, finished):
+    """`priors` trains only the priors that have not finished, side by side, with the cores split between them: a
+    lone one gets them all."""
+    import entropy_coding
+
+    runs = {name: (tmp_path / name, [f"tokens={name}"], {"eval": {"bits_per_image": 1.0}} if name in finished else None)
+            for name in entropy_coding.BENCHMARKS}  # fmt: skip
+    trained = {}
+
+    def fake_training(run, overrides, config, num_threads, **kwargs):
+        trained[run.name] = (overrides, num_threads)
+        return {"eval": {"bits_per_image": 2.0}}
+
+    monkeypatch.setattr(entropy_coding, "prior_runs", lambda workdir: runs)
+    monkeypatch.setattr(entropy_coding, "run_training", fake_training)
+    monkeypatch.setattr(entropy_coding.os, "cpu_count", lambda: 4)
+    entropy_coding.priors(tmp_path)
+    pending = [name for name in entropy_coding.BENCHMARKS if name not in finished]
+    assert trained == {name: ([f"tokens={name}", "--resume", "latest"], 4 // len(pending)) for name in pending}
