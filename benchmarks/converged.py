@@ -64,7 +64,7 @@ EARLIER_RUNS = {
     "decay, an EMA of the weights as the saved model, data-dependent codebook init",
     "converged_photo_selected_recipe.json": "with the recipes selected on photo_set's ablations (commit 7f1b9d8)",
     "converged_photo_lr1e3.json": "QG-VAE at lr 1e-3 on photo_set (commit 06e4e3e): its doubled-rate ablation had "
-    "shared the cores with other work (397 steps against 628) and lost; run again on idle cores, it won",
+    "shared the cores with other work (far fewer steps) and lost; run again on idle cores, it won",
 }
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
