@@ -267,7 +267,8 @@ def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dic
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     for name in names:
         bench = BENCHMARKS[name]
-        configs = {m: ablation_configs(workdir, seconds or bench.ablation_seconds, m, bench) for m in MODEL_NAMES}
+        seconds_ = bench.ablation_seconds if seconds is None else seconds
+        configs = {m: ablation_configs(workdir, seconds_, m, bench) for m in MODEL_NAMES}
         shared = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
         train_pairs(shared + [c for v, c in configs["qgvae"].items() if v not in bench.variants], workdir)
         results.setdefault("ablations", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
@@ -282,9 +283,8 @@ def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dic
 def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
     """Validation PSNR of each finished ablation run, from the raw weights (`live_psnr`) where the run kept an EMA:
     a few hundred steps are too few for an EMA of decay 0.999 to forget its start; `ema` reports the full run's EMA
-    model beside them. Where the benchmark runs the QG-VAE diagnostics (the price of ordering), its rows also hold
-    the PSNR of the first C/2 tokens (`half_prefix_psnr`) of the saved model, the EMA (at 5 minutes on photo_set, an
-    EMA of decay 0.999 is still near its initial weights, so photo_set's rows have none)."""
+    model beside them. Where the benchmark runs the QG-VAE diagnostics (the price of ordering), QG-VAE's rows also
+    hold the PSNR of the first C/2 tokens (`half_prefix_psnr`) of the saved model."""
     runs = {}
     for name, config in configs.items():
         path = Path(config["output_dir"]) / "results.json"
@@ -622,8 +622,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
-    parser.add_argument("--ablation-seconds", type=float, help="training time of each ablation run (default: the "
-                        "benchmark's, 300 s on photo_set, 480 s on MNIST)")  # fmt: skip
+    own = ", ".join(f"{bench.ablation_seconds:.0f} s on {name}" for name, bench in BENCHMARKS.items())
+    parser.add_argument("--ablation-seconds", type=float,
+                        help=f"training time of each ablation run (default: the benchmark's, {own})")  # fmt: skip
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.train_seconds is not None:

@@ -162,18 +162,22 @@ def test_mnist_demo_yaml_is_the_mnist_benchmarks_qgvae_recipe(tmp_path):
     assert shipped.max_train_time < benchmark["max_train_time"]
 
 
+def write_run(folder: Path, final: dict, step: int, train_time: float, usage_min: float) -> None:
+    """A finished run's `results.json` in `folder`, with `final` as its last evaluation."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {"history": [final], "step": step, "train_time": train_time, "train_set_usage": {"usage_min": usage_min}}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
 @pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
 @pytest.mark.parametrize("name", list(converged.BENCHMARKS))
 def test_ablation_rows_score_raw_weights_and_report_the_ema(name, model_type, tmp_path):
     bench = converged.BENCHMARKS[name]
     configs = converged.ablation_configs(tmp_path, 60, model_type, bench)
     for variant, psnr in (("full", 20.0), ("no_schedule", 19.0)):
-        folder = Path(configs[variant]["output_dir"])
-        folder.mkdir(parents=True)
         final = {"psnr": 9.0, "live_psnr": psnr} if variant == "full" else {"psnr": psnr}
-        history = [final | {"psnr_k4": psnr - 3, "psnr_k8": psnr - 2, "psnr_k32": psnr - 1}]  # C/2: MNIST 8, photo 32
-        results = {"history": history, "step": 10, "train_time": 60.0, "train_set_usage": {"usage_min": 0.5}}
-        (folder / "results.json").write_text(json.dumps(results))
+        final |= {"psnr_k4": psnr - 3, "psnr_k8": psnr - 2, "psnr_k32": psnr - 1}  # C/2: MNIST 8, photo 32
+        write_run(Path(configs[variant]["output_dir"]), final, step=10, train_time=60.0, usage_min=0.5)
     rows = converged.ablation_rows(configs, bench)
     assert rows["seconds"] == 60 and set(rows["runs"]) == {"full", "no_schedule", "ema"}  # unfinished runs left out
     assert [rows["runs"][n]["validation_psnr"] for n in ("full", "no_schedule", "ema")] == [20.0, 19.0, 9.0]
@@ -191,11 +195,8 @@ def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypa
     def fake_pairs(configs: list[dict], workdir: Path) -> None:
         for config in configs:
             seen.append(config)
-            folder = Path(config["output_dir"])
-            folder.mkdir(parents=True, exist_ok=True)
             final = {"psnr": 20.0, "psnr_k8": 18.0, "psnr_k32": 18.0}
-            results = {"history": [final], "step": 1, "train_time": 1.0, "train_set_usage": {"usage_min": 1.0}}
-            (folder / "results.json").write_text(json.dumps(results))
+            write_run(Path(config["output_dir"]), final, step=1, train_time=1.0, usage_min=1.0)
 
     monkeypatch.setattr(converged, "train_pairs", fake_pairs)
     results = converged.ablate(tmp_path, ["photo_set", "mnist"])
