@@ -77,6 +77,8 @@ ABLATION_NAMES = {
     "lr_2x": "learning rates doubled (2e-3, codebooks 2e-2)", "reference": "reference recipe (SPEC section 6)",
     "ordering_off": "diagnostic: no token dropout (unordered tokens)",
     "heads_per_token": "diagnostic: one projection head per token",
+    "selected": "round-1 selection", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
+    "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -132,6 +134,15 @@ VARIANTS = {
                   "model": {"commitment_loss_weight": 1.0, "reset_interval": 100}},
 }  # fmt: skip
 SELECTABLE = ("no_codebook_init", "no_schedule", "reset_every_200", "lr_2x")  # "reference" is a yardstick only
+# the second round (`refine`), around each model's round-1 selection: the quantiser's settings, which round 1 left
+# alone. With Adam every codeword moves about the learning rate per step whatever its gradient, which at the boosted
+# codebook rate is large against the spread of the encoder outputs of some tokens (split codewords lose their cells
+# again); 16-dimensional codewords leave each codebook fewer directions to fill
+REFINEMENTS = {
+    "selected": {},
+    "codebook_lr_1x": {"codebook_learning_rate": None},
+    "codeword_dim_16": {"model": {"codeword_dim": 16}},
+}
 
 
 def diagnostic_changes(model: dict) -> dict[str, dict]:
@@ -200,15 +211,27 @@ def select_changes(rows: dict) -> dict:
     return changes
 
 
-def selected_changes(bench: str, model_type: str) -> dict:
-    """`select_changes` of `model_type`'s ablations on `bench` in `converged.json`; an error if `ablate` has not run
-    for them."""
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+def selected_changes(bench: str, model_type: str, refined: bool = True, results: dict | None = None) -> dict:
+    """`select_changes` of `model_type`'s ablations on `bench` in `results` (default: `converged.json`), with the
+    refinements that won (`select_refinements`) unless not `refined`; an error if `ablate` has not run for them."""
+    if results is None:
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = results.get("ablations", {}).get(bench, {}).get(model_type, {}).get("runs", {})
     if not {"full", "ema"} <= set(runs):
         raise SystemExit(f"no finished {model_type} ablations on {bench} in {RESULTS}: "
                          f"run `converged.py ablate --only {bench}` first")  # fmt: skip
-    return select_changes(runs)
+    changes = select_changes(runs)
+    refinements = results.get("refinements", {}).get(bench, {}).get(model_type, {}).get("runs", {})
+    return with_changes(changes, select_refinements(refinements)) if refined else changes
+
+
+def select_refinements(rows: dict) -> dict:
+    """The `REFINEMENTS` whose run beats the round-1 selection's validation PSNR (`refine`'s `rows`), combined."""
+    changes: dict = {"model": {}}
+    for name, row in rows.items():
+        if name != "selected" and "selected" in rows and row["validation_psnr"] > rows["selected"]["validation_psnr"]:
+            changes = with_changes(changes, REFINEMENTS[name])
+    return changes
 
 
 def train_run(config: dict, workdir: Path) -> dict:
@@ -241,15 +264,20 @@ def train(workdir: Path, names: list[str]) -> None:
         train_pairs(configs, workdir)
 
 
-def ablation_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
-    """`model_type` on `bench`, `seconds` each, scored on its validation split held out of the training data (never
-    the test split): the full recipe and each of `bench.variants` (the EMA's effect is read from the full run's EMA
-    model against its raw weights, `live_psnr`), and for QG-VAE `diagnostic_changes` if `bench.diagnostics`;
-    "reference" is SPEC section 6 (lr 2e-4, no codebook-rate boost, commitment 1.0, reset every 100 steps, no
-    schedule, EMA or data initialisation)."""
+def validation_config(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict:
+    """`train_config` of a short sweep run: `seconds` of training, scored once at the end on the benchmark's
+    validation split (held out of the training data, never the test split)."""
     base = train_config(bench, model_type, workdir / "ablations")
     base |= {"max_train_time": seconds, "eval_every": 10**6, "max_eval_samples": None, "checkpoint_every": 250}
-    base["data"] = base["data"] | bench.validation
+    return base | {"data": base["data"] | bench.validation}
+
+
+def ablation_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
+    """`model_type` on `bench`, `seconds` each (`validation_config`): the full recipe and each of `bench.variants`
+    (the EMA's effect is read from the full run's EMA model against its raw weights, `live_psnr`), and for QG-VAE
+    `diagnostic_changes` if `bench.diagnostics`; "reference" is SPEC section 6 (lr 2e-4, no codebook-rate boost,
+    commitment 1.0, reset every 100 steps, no schedule, EMA or data initialisation)."""
+    base = validation_config(workdir, seconds, model_type, bench)
     changes = {name: VARIANTS[name] for name in bench.variants}
     if bench.diagnostics and model_type == "qgvae":
         changes |= diagnostic_changes(base["model"])
@@ -257,6 +285,18 @@ def ablation_configs(workdir: Path, seconds: float, model_type: str, bench: Benc
     return {
         name: with_changes(base, change) | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
         for name, change in changes.items()
+    }
+
+
+def refinement_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
+    """The second round of the sweep: `model_type`'s round-1 selection on `bench` and each of `REFINEMENTS` on top
+    of it, `seconds` each (`validation_config`)."""
+    base = with_changes(validation_config(workdir, seconds, model_type, bench),
+                        selected_changes(bench.name, model_type, refined=False))  # fmt: skip
+    folder = workdir / "refinements"
+    return {
+        name: with_changes(base, change) | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
+        for name, change in REFINEMENTS.items()
     }
 
 
@@ -277,6 +317,24 @@ def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dic
             for variant, row in ablations["runs"].items():
                 print(f"{name:10} {model_type:12} {variant:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
             print(f"{name:10} {model_type:12} selected changes: {select_changes(ablations['runs'])}")
+    return results
+
+
+def refine(workdir: Path, names: list[str], seconds: float | None = None) -> dict:
+    """Train both models' `refinement_configs` on each benchmark of `names` (paired, two at a time), each for
+    `seconds` (default: the benchmark's `ablation_seconds`), and add their validation scores to `converged.json`."""
+    results = json.loads(RESULTS.read_text())
+    for name in names:
+        bench = BENCHMARKS[name]
+        seconds_ = bench.ablation_seconds if seconds is None else seconds
+        configs = {m: refinement_configs(workdir, seconds_, m, bench) for m in MODEL_NAMES}
+        train_pairs([c for pair in zip(*(c.values() for c in configs.values())) for c in pair], workdir)
+        results.setdefault("refinements", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
+        RESULTS.write_text(json.dumps(results, indent=2))
+        for model_type, rows in results["refinements"][name].items():
+            for variant, row in rows["runs"].items():
+                print(f"{name:10} {model_type:12} {variant:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
+            print(f"{name:10} {model_type:12} refinements selected: {select_refinements(rows['runs'])}")
     return results
 
 
@@ -525,6 +583,9 @@ def render_block(results: dict) -> str:
     for name, benchmark_ablations in results.get("ablations", {}).items():
         for model_type, ablations in benchmark_ablations.items():
             lines += ablation_table(name, model_type, ablations)
+    for name, benchmark_refinements in results.get("refinements", {}).items():
+        for model_type, refinements in benchmark_refinements.items():
+            lines += refinement_table(name, model_type, refinements)
     if results.get("earlier_runs"):
         lines += [
             "",
@@ -556,8 +617,8 @@ def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
     lines = [
         "",
         f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "
-        f"time; scored on {ablations['validation']}, never the test split). Selected changes, used by the {name} "
-        f"benchmark above: `{json.dumps(select_changes(ablations['runs']))}`",
+        f"time; scored on {ablations['validation']}, never the test split). Selected changes (round 1): "
+        f"`{json.dumps(select_changes(ablations['runs']))}`",
         "",
         "| run | validation PSNR (dB) | vs full recipe | steps |"
         + (" first C/2 tokens, EMA (dB) |" if prefix_column else ""),
@@ -569,6 +630,25 @@ def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
         lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |{prefix}")
     return lines
 
+
+
+def refinement_table(name: str, model_type: str, refinements: dict) -> list[str]:
+    """README lines of one model's second sweep round on benchmark `name` and the refinements it selects."""
+    base = refinements["runs"]["selected"]["validation_psnr"]
+    lines = [
+        "",
+        f"Round 2 ({MODEL_NAMES[model_type]}, {name}, {refinements['seconds'] / 60:.0f} min each, in pairs; scored on "
+        f"{refinements['validation']}): each change on top of the round-1 selection. Taken, and trained by the {name} "
+        f"benchmark above with round 1's changes: `{json.dumps(select_refinements(refinements['runs']))}`",
+        "",
+        "| run | validation PSNR (dB) | vs round 1 | steps | usage min |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, row in refinements["runs"].items():
+        psnr_ = row["validation_psnr"]
+        lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - base:+.2f} | {row['steps']:,} | "
+                     f"{row['usage_min']:.1%} |")  # fmt: skip
+    return lines
 
 def earlier_psnr(row: dict) -> str:
     """"saved" or "saved / raw" test PSNR of an earlier run's model (`earlier_run_rows`)."""
@@ -600,12 +680,18 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
             rows = ablation_rows(ablation_configs(workdir, previous["seconds"], model_type, bench), bench)
             if rows["runs"]:  # a checkout without the runs keeps the JSON's
                 ablations[model_type] = rows
+    for name, refinements in results.get("refinements", {}).items():
+        for model_type, previous in refinements.items():
+            bench = BENCHMARKS[name]
+            rows = ablation_rows(refinement_configs(workdir, previous["seconds"], model_type, bench), bench)
+            if rows["runs"]:
+                refinements[model_type] = rows
     earlier = {file: HERE / "results" / file for file in EARLIER_RUNS}
     results["earlier_runs"] = [
         {"file": file, "recipe": EARLIER_RUNS[file], "benchmarks": earlier_run_rows(json.loads(path.read_text()))}
         for file, path in earlier.items() if path.is_file()
     ]  # fmt: skip
-    selected = {name: {m: select_changes(a["runs"]) for m, a in ablations.items()}
+    selected = {name: {m: selected_changes(name, m, results=results) for m in ablations}
                 for name, ablations in results["ablations"].items()}  # fmt: skip
     results["recipe"] = {"train": RECIPE, "model": MODEL_RECIPE, "selected_changes": selected}
     RESULTS.write_text(json.dumps(results, indent=2))
@@ -618,7 +704,7 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "ablate", "analyse"))
+    parser.add_argument("stage", choices=("train", "ablate", "refine", "analyse"))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
@@ -634,6 +720,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args.workdir, args.only)
     elif args.stage == "ablate":
         ablate(args.workdir, args.only, args.ablation_seconds)
+    elif args.stage == "refine":
+        refine(args.workdir, args.only, args.ablation_seconds)
     else:
         analyse(args.workdir, args.only, args.update_readme)
 

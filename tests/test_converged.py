@@ -209,3 +209,60 @@ def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypa
     seen.clear()
     converged.ablate(tmp_path / "other", ["mnist"], seconds=60)
     assert {c["max_train_time"] for c in seen} == {60}
+
+
+def test_refinements_build_on_the_round_one_selection_and_win_only_on_validation(tmp_path, monkeypatch):
+    monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
+    round_one = {"full": {"validation_psnr": 20.0}, "ema": {"validation_psnr": 19.0},
+                 "lr_2x": {"validation_psnr": 21.0}, "no_schedule": {"validation_psnr": 19.5}}  # fmt: skip
+    results = {"ablations": {"photo_set": {"qgvae": {"runs": round_one}}}}
+    converged.RESULTS.write_text(json.dumps(results))
+    bench = converged.BENCHMARKS["photo_set"]
+    configs = converged.refinement_configs(tmp_path, 60, "qgvae", bench)
+    base = configs["selected"]
+    assert base["learning_rate"] == 2e-3 and base["codebook_learning_rate"] == 2e-2  # round 1 chose lr_2x
+    assert base["ema_decay"] is None and base["lr_scheduler"] == converged.RECIPE["lr_scheduler"]
+    assert base["data"]["eval_split"] == "validation" and base["max_train_time"] == 60
+    changed = {name: {k for k in c if c[k] != base[k] and k != "output_dir"} for name, c in configs.items()}
+    assert changed == {"selected": set(), "codebook_lr_1x": {"codebook_learning_rate"}, "codeword_dim_16": {"model"}}
+    assert configs["codebook_lr_1x"]["codebook_learning_rate"] is None  # train.py: the model's learning rate
+    assert configs["codeword_dim_16"]["model"] == base["model"] | {"codeword_dim": 16}
+    assert len({Path(c["output_dir"]).parent.name for c in configs.values()}) == 1
+    assert len({c["output_dir"] for c in configs.values()}) == 3
+
+    for variant, psnr in (("selected", 21.0), ("codebook_lr_1x", 21.4), ("codeword_dim_16", 20.9)):
+        write_run(Path(configs[variant]["output_dir"]), {"psnr": psnr}, step=5, train_time=60.0, usage_min=0.5)
+    rows = converged.ablation_rows(configs, bench)
+    assert converged.select_refinements(rows["runs"]) == {"model": {}, "codebook_learning_rate": None}
+    assert converged.selected_changes("photo_set", "qgvae", refined=True) == converged.select_changes(round_one)
+    results["refinements"] = {"photo_set": {"qgvae": rows}}
+    converged.RESULTS.write_text(json.dumps(results))
+    chosen = converged.selected_changes("photo_set", "qgvae")
+    assert chosen["codebook_learning_rate"] is None and chosen["learning_rate"] == 2e-3  # both rounds
+    assert converged.selected_changes("photo_set", "qgvae", refined=False)["codebook_learning_rate"] == 2e-2
+    assert converged.refinement_configs(tmp_path, 60, "qgvae", bench)["selected"] == base  # round 1 only
+    table = "\n".join(converged.refinement_table("photo_set", "qgvae", rows))
+    assert "| codebooks at the model's learning rate (no 10x boost) | 21.40 | +0.40 | 5 | 50.0% |" in table
+    assert '`{"model": {}, "codebook_learning_rate": null}`' in table
+
+
+def test_refine_trains_the_pairs_and_records_their_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
+    runs = {"full": {"validation_psnr": 20.0}, "ema": {"validation_psnr": 19.0}}
+    converged.RESULTS.write_text(json.dumps({"ablations": {"photo_set": {m: {"runs": runs} for m in
+                                                                          converged.MODEL_NAMES}}}))  # fmt: skip
+    seen = []
+
+    def fake_pairs(configs: list[dict], workdir: Path) -> None:
+        for config in configs:
+            seen.append(Path(config["output_dir"]).name)
+            write_run(Path(config["output_dir"]), {"psnr": 20.0}, step=1, train_time=1.0, usage_min=1.0)
+
+    monkeypatch.setattr(converged, "train_pairs", fake_pairs)
+    results = converged.refine(tmp_path, ["photo_set"], seconds=30)
+    assert seen[:2] == ["photo_set-qgvae-selected", "photo_set-patch_vqvae-selected"]  # paired, same change
+    assert len(seen) == 2 * len(converged.REFINEMENTS)
+    rows = results["refinements"]["photo_set"]
+    assert set(rows) == set(converged.MODEL_NAMES) and rows["qgvae"]["seconds"] == 30
+    assert set(rows["qgvae"]["runs"]) == set(converged.REFINEMENTS)
+    assert json.loads(converged.RESULTS.read_text()) == results
