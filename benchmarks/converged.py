@@ -1,7 +1,7 @@
 """Trained to their potential (issue 11): QG-VAE against the patch VQ-VAE at equal bytes and equal wall time.
 
-    nohup sh -c 'python benchmarks/converged.py ablate && python benchmarks/converged.py train' \
-        > outputs/converged.log 2>&1 &
+    nohup sh -c 'python benchmarks/converged.py ablate && python benchmarks/converged.py refine --only photo_set &&
+        python benchmarks/converged.py train' > outputs/converged.log 2>&1 &
     python benchmarks/converged.py analyse [--workdir outputs/converged] [--update-readme]
 
 `train` runs two pairs through `training/train.py`, the two runs of a pair side by side with one thread each (both see
@@ -16,10 +16,11 @@ short-run CPU settings) and each one-at-a-time change of `VARIANTS` for the same
 8 on MNIST), scored on data held out of training (crops of 3 training photos held out of the stream; the last 1,000
 training digits), never the test split; `select_changes` keeps an addition only if removing it loses validation PSNR
 and takes an alternative only if it gains (the same sweep for both models). On MNIST, QG-VAE also runs the
-`diagnostic_changes` (no token dropout, one head per token), reported and never selected. The stages resume: a
-finished run (its folder holds `results.json` for the same config) is kept, an interrupted one continues from its
-newest checkpoint, and a folder whose run had another config is deleted (with a note) and trained again
-(`common.reusable_run`).
+`diagnostic_changes` (no token dropout, one head per token), reported and never selected. `refine` is a second round
+(run on photo_set): each of `REFINEMENTS` on top of each model's round-1 selection, for the same time on the same
+validation split, taken where it beats the round-1 selection. The stages resume: a finished run (its folder holds
+`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint, and a folder
+whose run had another config is deleted (with a note) and trained again (`common.reusable_run`).
 
 `analyse` reads the runs and writes `benchmarks/results/converged.json`, figures under `benchmarks/results/figures/`
 (`converged_<data>_training.png`, `converged_<data>_progressive.png`, `converged_<data>_rate_distortion.png`) and, with
@@ -79,6 +80,7 @@ ABLATION_NAMES = {
     "heads_per_token": "diagnostic: one projection head per token",
     "selected": "round-1 selection", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
     "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
+    "reset_every_25": "Voronoi reset every 25 steps instead of 50",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -142,6 +144,8 @@ REFINEMENTS = {
     "selected": {},
     "codebook_lr_1x": {"codebook_learning_rate": None},
     "codeword_dim_16": {"model": {"codeword_dim": 16}},
+    # round 1 found 50 steps better than 200 for both models: one more step in that direction
+    "reset_every_25": {"model": {"reset_interval": 25}},
 }
 
 
@@ -300,41 +304,26 @@ def refinement_configs(workdir: Path, seconds: float, model_type: str, bench: Be
     }
 
 
-def ablate(workdir: Path, names: list[str], seconds: float | None = None) -> dict:
-    """Train both models' ablation runs on each benchmark of `names` (interleaved, two at a time; QG-VAE's
-    diagnostics after them), each for `seconds` (default: the benchmark's `ablation_seconds`), and add their
-    validation scores to `converged.json`."""
+def sweep(stage: str, workdir: Path, names: list[str], seconds: float | None = None) -> dict:
+    """Train both models' runs of one sweep round on each benchmark of `names` and add their validation scores to
+    `converged.json` under `stage`: "ablations" (`ablation_configs`, round 1) or "refinements" (`refinement_configs`,
+    round 2). The two models' runs of each change are paired, two at a time (QG-VAE's diagnostics after them), each
+    for `seconds` (default: the benchmark's `ablation_seconds`)."""
+    build, select = {"ablations": (ablation_configs, select_changes),
+                     "refinements": (refinement_configs, select_refinements)}[stage]  # fmt: skip
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     for name in names:
         bench = BENCHMARKS[name]
         seconds_ = bench.ablation_seconds if seconds is None else seconds
-        configs = {m: ablation_configs(workdir, seconds_, m, bench) for m in MODEL_NAMES}
-        shared = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
-        train_pairs(shared + [c for v, c in configs["qgvae"].items() if v not in bench.variants], workdir)
-        results.setdefault("ablations", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
+        configs = {m: build(workdir, seconds_, m, bench) for m in MODEL_NAMES}
+        paired = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
+        train_pairs(paired + [c for v, c in configs["qgvae"].items() if v not in configs["patch_vqvae"]], workdir)
+        results.setdefault(stage, {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
         RESULTS.write_text(json.dumps(results, indent=2))
-        for model_type, ablations in results["ablations"][name].items():
-            for variant, row in ablations["runs"].items():
-                print(f"{name:10} {model_type:12} {variant:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
-            print(f"{name:10} {model_type:12} selected changes: {select_changes(ablations['runs'])}")
-    return results
-
-
-def refine(workdir: Path, names: list[str], seconds: float | None = None) -> dict:
-    """Train both models' `refinement_configs` on each benchmark of `names` (paired, two at a time), each for
-    `seconds` (default: the benchmark's `ablation_seconds`), and add their validation scores to `converged.json`."""
-    results = json.loads(RESULTS.read_text())
-    for name in names:
-        bench = BENCHMARKS[name]
-        seconds_ = bench.ablation_seconds if seconds is None else seconds
-        configs = {m: refinement_configs(workdir, seconds_, m, bench) for m in MODEL_NAMES}
-        train_pairs([c for pair in zip(*(c.values() for c in configs.values())) for c in pair], workdir)
-        results.setdefault("refinements", {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
-        RESULTS.write_text(json.dumps(results, indent=2))
-        for model_type, rows in results["refinements"][name].items():
+        for model_type, rows in results[stage][name].items():
             for variant, row in rows["runs"].items():
                 print(f"{name:10} {model_type:12} {variant:18} {row['validation_psnr']:.2f} dB  {row['steps']} steps")
-            print(f"{name:10} {model_type:12} refinements selected: {select_refinements(rows['runs'])}")
+            print(f"{name:10} {model_type:12} {stage} select: {select(rows['runs'])}")
     return results
 
 
@@ -718,10 +707,9 @@ def main(argv: list[str] | None = None) -> None:
             BENCHMARKS[name] = replace(bench, train_seconds=args.train_seconds, eval_every=20, checkpoint_every=20)
     if args.stage == "train":
         train(args.workdir, args.only)
-    elif args.stage == "ablate":
-        ablate(args.workdir, args.only, args.ablation_seconds)
-    elif args.stage == "refine":
-        refine(args.workdir, args.only, args.ablation_seconds)
+    elif args.stage in ("ablate", "refine"):
+        sweep({"ablate": "ablations", "refine": "refinements"}[args.stage], args.workdir, args.only,
+              args.ablation_seconds)  # fmt: skip
     else:
         analyse(args.workdir, args.only, args.update_readme)
 

@@ -199,7 +199,7 @@ def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypa
             write_run(Path(config["output_dir"]), final, step=1, train_time=1.0, usage_min=1.0)
 
     monkeypatch.setattr(converged, "train_pairs", fake_pairs)
-    results = converged.ablate(tmp_path, ["photo_set", "mnist"])
+    results = converged.sweep("ablations", tmp_path, ["photo_set", "mnist"])
     names = [Path(c["output_dir"]).name for c in seen]
     assert {c["max_train_time"] for c in seen if "photo_set" in c["output_dir"]} == {300}
     assert {c["max_train_time"] for c in seen if "mnist" in c["output_dir"]} == {480}
@@ -207,7 +207,7 @@ def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypa
     assert names[-2:] == ["mnist-qgvae-ordering_off", "mnist-qgvae-heads_per_token"]  # diagnostics after the sweep
     assert set(results["ablations"]) == {"photo_set", "mnist"} and json.loads(converged.RESULTS.read_text()) == results
     seen.clear()
-    converged.ablate(tmp_path / "other", ["mnist"], seconds=60)
+    converged.sweep("ablations", tmp_path / "other", ["mnist"], seconds=60)
     assert {c["max_train_time"] for c in seen} == {60}
 
 
@@ -224,11 +224,13 @@ def test_refinements_build_on_the_round_one_selection_and_win_only_on_validation
     assert base["ema_decay"] is None and base["lr_scheduler"] == converged.RECIPE["lr_scheduler"]
     assert base["data"]["eval_split"] == "validation" and base["max_train_time"] == 60
     changed = {name: {k for k in c if c[k] != base[k] and k != "output_dir"} for name, c in configs.items()}
-    assert changed == {"selected": set(), "codebook_lr_1x": {"codebook_learning_rate"}, "codeword_dim_16": {"model"}}
+    assert changed == {"selected": set(), "codebook_lr_1x": {"codebook_learning_rate"}, "codeword_dim_16": {"model"},
+                       "reset_every_25": {"model"}}
+    assert configs["reset_every_25"]["model"] == base["model"] | {"reset_interval": 25}
     assert configs["codebook_lr_1x"]["codebook_learning_rate"] is None  # train.py: the model's learning rate
     assert configs["codeword_dim_16"]["model"] == base["model"] | {"codeword_dim": 16}
     assert len({Path(c["output_dir"]).parent.name for c in configs.values()}) == 1
-    assert len({c["output_dir"] for c in configs.values()}) == 3
+    assert len({c["output_dir"] for c in configs.values()}) == len(converged.REFINEMENTS)
 
     for variant, psnr in (("selected", 21.0), ("codebook_lr_1x", 21.4), ("codeword_dim_16", 20.9)):
         write_run(Path(configs[variant]["output_dir"]), {"psnr": psnr}, step=5, train_time=60.0, usage_min=0.5)
@@ -259,7 +261,7 @@ def test_refine_trains_the_pairs_and_records_their_rows(tmp_path, monkeypatch):
             write_run(Path(config["output_dir"]), {"psnr": 20.0}, step=1, train_time=1.0, usage_min=1.0)
 
     monkeypatch.setattr(converged, "train_pairs", fake_pairs)
-    results = converged.refine(tmp_path, ["photo_set"], seconds=30)
+    results = converged.sweep("refinements", tmp_path, ["photo_set"], seconds=30)
     assert seen[:2] == ["photo_set-qgvae-selected", "photo_set-patch_vqvae-selected"]  # paired, same change
     assert len(seen) == 2 * len(converged.REFINEMENTS)
     rows = results["refinements"]["photo_set"]
