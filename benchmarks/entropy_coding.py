@@ -2,6 +2,7 @@
 
     nohup python benchmarks/entropy_coding.py priors > outputs/entropy-coding.log 2>&1 &
     python benchmarks/entropy_coding.py measure [--only mnist photo_set] [--update-readme]
+    python benchmarks/entropy_coding.py priors --only photo_set   # after a retrained photo_set tokenizer
     python benchmarks/entropy_coding.py render [--update-readme]   # claims, figure, README block from the JSON
 
 `priors` tokenises each benchmark's images with the tokenizer `benchmarks/converged.py` trained (MNIST, 16 tokens x 9
@@ -141,20 +142,21 @@ def prior_overrides(bench: Benchmark, tokens: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def prior_runs(workdir: Path) -> dict[str, tuple[Path, list[str], dict | None]]:
-    """Each benchmark's prior run: its folder, its `train_prior.py` overrides and its `results.json` if it finished
-    with them (`reusable_run`; else None, ready to train). Tokenises first, where needed (both cores)."""
+def prior_runs(workdir: Path, names: list[str]) -> dict[str, tuple[Path, list[str], dict | None]]:
+    """The prior run of each benchmark of `names`: its folder, its `train_prior.py` overrides and its `results.json`
+    if it finished with them (`reusable_run`; else None, ready to train). Tokenises first, where needed (both cores)."""
     runs = {}
-    for name, bench in BENCHMARKS.items():
+    for name in names:
+        bench = BENCHMARKS[name]
         run, overrides = workdir / f"prior-{name}", prior_overrides(bench, token_splits(bench, workdir))
         record = {"config": str(PRIOR_CONFIG.relative_to(REPO_ROOT)), "overrides": overrides}
         runs[name] = run, overrides, reusable_run(run, workdir / "configs" / f"{run.name}.yaml", record)
     return runs
 
 
-def priors(workdir: Path) -> None:
-    """Train the priors that have not finished side by side, the cores split between them."""
-    runs = prior_runs(workdir)
+def priors(workdir: Path, names: list[str]) -> None:
+    """Train the priors of the benchmarks `names` that have not finished side by side, the cores split between them."""
+    runs = prior_runs(workdir, names)
     num_threads = max(1, (os.cpu_count() or 1) // max(1, sum(results is None for *_, results in runs.values())))
 
     def train_prior(name: str) -> dict:
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     datasets.disable_progress_bars()
     if args.stage == "priors":
-        priors(args.workdir)
+        priors(args.workdir, args.only)
         return
     if args.stage == "render":
         results = json.loads(args.output.read_text())

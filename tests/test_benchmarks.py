@@ -345,9 +345,12 @@ def test_entropy_coding_priors_split_the_cores_between_the_runs_left(tmp_path, m
         trained[run.name] = (overrides, num_threads)
         return {"eval": {"bits_per_image": 2.0}}
 
-    monkeypatch.setattr(entropy_coding, "prior_runs", lambda workdir: runs)
+    monkeypatch.setattr(entropy_coding, "prior_runs", lambda workdir, names: {name: runs[name] for name in names})
     monkeypatch.setattr(entropy_coding, "run_training", fake_training)
     monkeypatch.setattr(entropy_coding.os, "cpu_count", lambda: 4)
-    entropy_coding.priors(tmp_path)
+    entropy_coding.priors(tmp_path, list(entropy_coding.BENCHMARKS))
     pending = [name for name in entropy_coding.BENCHMARKS if name not in finished]
     assert trained == {name: ([f"tokens={name}", "--resume", "latest"], 4 // len(pending)) for name in pending}
+    trained.clear()
+    entropy_coding.priors(tmp_path, ["photo_set"])  # `--only photo_set`: the other benchmark's run is left alone
+    assert trained == {"photo_set": (["tokens=photo_set", "--resume", "latest"], 4)}
