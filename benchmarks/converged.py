@@ -66,6 +66,8 @@ EARLIER_RUNS = {
     "converged_photo_selected_recipe.json": "with the recipes selected on photo_set's ablations (commit 7f1b9d8)",
     "converged_photo_lr1e3.json": "QG-VAE at lr 1e-3 on photo_set (commit 06e4e3e): its doubled-rate ablation had "
     "shared the cores with other work (far fewer steps) and lost; run again on idle cores, it won",
+    "converged_photo_round1.json": "photo_set with round 1's selections only (commit 25e3d0c): QG-VAE's recipe as "
+    "now (round 2 kept none of its changes), the patch VQ-VAE with 64-dimensional codewords and a reset every 50 steps",
 }
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
