@@ -602,44 +602,39 @@ def render_block(results: dict) -> str:
 
 
 def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
-    """README lines of one model's ablations on benchmark `name` and the changes they select."""
-    full = ablations["runs"]["full"]["validation_psnr"]
-    prefix_column = model_type == "qgvae" and BENCHMARKS[name].diagnostics
-    lines = [
-        "",
-        f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at a "
-        f"time; scored on {ablations['validation']}, never the test split). Selected changes (round 1): "
-        f"`{json.dumps(select_changes(ablations['runs']))}`",
-        "",
-        "| run | validation PSNR (dB) | vs full recipe | steps |"
-        + (" first C/2 tokens, EMA (dB) |" if prefix_column else ""),
-        "|---|---|---|---|" + ("---|" if prefix_column else ""),
-    ]
-    for variant, row in ablations["runs"].items():
-        psnr_, half = row["validation_psnr"], row.get("half_prefix_psnr")
-        prefix = (f" {half:.2f} |" if half is not None else " - |") if prefix_column else ""
-        lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - full:+.2f} | {row['steps']:,} |{prefix}")
-    return lines
-
+    """README lines of one model's round-1 ablations on benchmark `name` and the changes they select."""
+    heading = (f"Recipe ablations ({MODEL_NAMES[model_type]}, {name}, {ablations['seconds'] / 60:.0f} min each, two at "
+               f"a time; scored on {ablations['validation']}, never the test split). Selected changes (round 1): "
+               f"`{json.dumps(select_changes(ablations['runs']))}`")  # fmt: skip
+    return sweep_table(heading, ablations["runs"], "full", "vs full recipe",
+                       model_type == "qgvae" and BENCHMARKS[name].diagnostics)  # fmt: skip
 
 
 def refinement_table(name: str, model_type: str, refinements: dict) -> list[str]:
     """README lines of one model's second sweep round on benchmark `name` and the refinements it selects."""
-    base = refinements["runs"]["selected"]["validation_psnr"]
+    heading = (f"Round 2 ({MODEL_NAMES[model_type]}, {name}, {refinements['seconds'] / 60:.0f} min each, in pairs; "
+               f"scored on {refinements['validation']}): each change on top of the round-1 selection. Taken, and "
+               f"trained by the {name} benchmark above with round 1's changes: "
+               f"`{json.dumps(select_refinements(refinements['runs']))}`")  # fmt: skip
+    return sweep_table(heading, refinements["runs"], "selected", "vs round 1")
+
+
+def sweep_table(heading: str, runs: dict, base: str, versus: str, prefix_column: bool = False) -> list[str]:
+    """A sweep round's README lines: `heading`, then each run's validation PSNR, its difference to run `base`, its
+    steps and least-used codebook (and the first C/2 tokens' PSNR with `prefix_column`)."""
     lines = [
-        "",
-        f"Round 2 ({MODEL_NAMES[model_type]}, {name}, {refinements['seconds'] / 60:.0f} min each, in pairs; scored on "
-        f"{refinements['validation']}): each change on top of the round-1 selection. Taken, and trained by the {name} "
-        f"benchmark above with round 1's changes: `{json.dumps(select_refinements(refinements['runs']))}`",
-        "",
-        "| run | validation PSNR (dB) | vs round 1 | steps | usage min |",
-        "|---|---|---|---|---|",
-    ]
-    for variant, row in refinements["runs"].items():
-        psnr_ = row["validation_psnr"]
-        lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - base:+.2f} | {row['steps']:,} | "
-                     f"{row['usage_min']:.1%} |")  # fmt: skip
+        "", heading, "",
+        f"| run | validation PSNR (dB) | {versus} | steps | usage min |" + (" first C/2 tokens, EMA (dB) |" if
+                                                                           prefix_column else ""),
+        "|---|---|---|---|---|" + ("---|" if prefix_column else ""),
+    ]  # fmt: skip
+    for variant, row in runs.items():
+        psnr_, half = row["validation_psnr"], row.get("half_prefix_psnr")
+        prefix = (f" {half:.2f} |" if half is not None else " - |") if prefix_column else ""
+        lines.append(f"| {ABLATION_NAMES[variant]} | {psnr_:.2f} | {psnr_ - runs[base]['validation_psnr']:+.2f} | "
+                     f"{row['steps']:,} | {row['usage_min']:.1%} |{prefix}")  # fmt: skip
     return lines
+
 
 def earlier_psnr(row: dict) -> str:
     """"saved" or "saved / raw" test PSNR of an earlier run's model (`earlier_run_rows`)."""
