@@ -140,8 +140,8 @@ VARIANTS = {
 SELECTABLE = ("no_codebook_init", "no_schedule", "reset_every_200", "lr_2x")  # "reference" is a yardstick only
 # the second round (`refine`), around each model's round-1 selection: the quantiser's settings, which round 1 left
 # alone. With Adam every codeword moves about the learning rate per step whatever its gradient, which at the boosted
-# codebook rate is large against the spread of the encoder outputs of some tokens (split codewords lose their cells
-# again); 16-dimensional codewords leave each codebook fewer directions to fill
+# codebook rate may be large against the spread of some tokens' encoder outputs (codewords the reset split could lose
+# their cells again: QG-VAE's least-used codebooks fill slowly); 16-dimensional codewords leave fewer directions to fill
 REFINEMENTS = {
     "selected": {},
     "codebook_lr_1x": {"codebook_learning_rate": None},
