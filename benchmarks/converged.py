@@ -234,8 +234,9 @@ def selected_changes(bench: str, model_type: str, refined: bool = True, results:
 def select_refinements(rows: dict) -> dict:
     """The `REFINEMENTS` whose run beats the round-1 selection's validation PSNR (`refine`'s `rows`), combined."""
     changes: dict = {"model": {}}
+    base = rows.get("selected", {}).get("validation_psnr", math.inf)  # no round-1 run: nothing wins
     for name, row in rows.items():
-        if name != "selected" and "selected" in rows and row["validation_psnr"] > rows["selected"]["validation_psnr"]:
+        if row["validation_psnr"] > base:
             changes = with_changes(changes, REFINEMENTS[name])
     return changes
 
@@ -311,8 +312,7 @@ def sweep(stage: str, workdir: Path, names: list[str], seconds: float | None = N
     `converged.json` under `stage`: "ablations" (`ablation_configs`, round 1) or "refinements" (`refinement_configs`,
     round 2). The two models' runs of each change are paired, two at a time (QG-VAE's diagnostics after them), each
     for `seconds` (default: the benchmark's `ablation_seconds`)."""
-    build, select = {"ablations": (ablation_configs, select_changes),
-                     "refinements": (refinement_configs, select_refinements)}[stage]  # fmt: skip
+    build, select = SWEEPS[stage]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     for name in names:
         bench = BENCHMARKS[name]
@@ -351,6 +351,10 @@ def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
     seconds = next(iter(configs.values()))["max_train_time"]
     return {"seconds": seconds, "validation": bench.validation_name, "runs": rows}
 
+
+
+# each sweep round's key in `converged.json`: the configs of its runs and the changes its rows select
+SWEEPS = {"ablations": (ablation_configs, select_changes), "refinements": (refinement_configs, select_refinements)}
 
 # ---------------------------------------------------------------------------------------------------- analysis
 def test_images(name: str) -> np.ndarray:
@@ -660,18 +664,12 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
         entry = analyse_benchmark(BENCHMARKS[name], workdir, models)
         results["benchmarks"][name] = entry
         results["figures"] |= {f"{name} {k}": v for k, v in plot_benchmark(name, entry, models).items()}
-    for name, ablations in results.get("ablations", {}).items():  # re-read: a run may have finished since
-        for model_type, previous in ablations.items():
-            bench = BENCHMARKS[name]
-            rows = ablation_rows(ablation_configs(workdir, previous["seconds"], model_type, bench), bench)
+    for stage, (build, _) in SWEEPS.items():  # re-read: a run may have finished since
+        for name, model_type in [(n, m) for n, rounds in results.get(stage, {}).items() for m in rounds]:
+            bench, seconds = BENCHMARKS[name], results[stage][name][model_type]["seconds"]
+            rows = ablation_rows(build(workdir, seconds, model_type, bench), bench)
             if rows["runs"]:  # a checkout without the runs keeps the JSON's
-                ablations[model_type] = rows
-    for name, refinements in results.get("refinements", {}).items():
-        for model_type, previous in refinements.items():
-            bench = BENCHMARKS[name]
-            rows = ablation_rows(refinement_configs(workdir, previous["seconds"], model_type, bench), bench)
-            if rows["runs"]:
-                refinements[model_type] = rows
+                results[stage][name][model_type] = rows
     earlier = {file: HERE / "results" / file for file in EARLIER_RUNS}
     results["earlier_runs"] = [
         {"file": file, "recipe": EARLIER_RUNS[file], "benchmarks": earlier_run_rows(json.loads(path.read_text()))}
