@@ -83,6 +83,8 @@ ABLATION_NAMES = {
     "selected": "round-1 selection", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
     "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
     "reset_every_25": "Voronoi reset every 25 steps instead of 50",
+    "decay": "warm-up and cosine decay over the run's time", "decay_codebook_lr_1x": "decay, codebooks at 1x rate",
+    "round_1_only": "round 1's selection only (round 2 undone)",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -148,6 +150,18 @@ REFINEMENTS = {
     "codeword_dim_16": {"model": {"codeword_dim": 16}},
     # round 1 found 50 steps better than 200 for both models: one more step in that direction
     "reset_every_25": {"model": {"reset_interval": 25}},
+}
+DECAY = {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.05}, "lr_warmup_ratio": 0.02}
+# the third round (`long`), around each model's selection of rounds 1 and 2, for 12 minutes instead of 5: twice a
+# 5-minute winner lost over the hour. Cosine decay over the run's time lost round 1 at 5 minutes, where the rate
+# matters most; QG-VAE's hour at a constant rate flattened out after 45 minutes, where decay usually helps. The
+# 1x codebook rate filled QG-VAE's codebooks in round 2. "round_1_only" drops round 2's changes (run where round 2
+# took any). The best-scoring run of the round is taken.
+LONG_TRIALS = {
+    "selected": {},
+    "decay": DECAY,
+    "decay_codebook_lr_1x": DECAY | {"codebook_learning_rate": None},
+    "round_1_only": {},
 }
 
 
@@ -217,9 +231,10 @@ def select_changes(rows: dict) -> dict:
     return changes
 
 
-def selected_changes(bench: str, model_type: str, refined: bool = True, results: dict | None = None) -> dict:
-    """`select_changes` of `model_type`'s ablations on `bench` in `results` (default: `converged.json`), with the
-    refinements that won (`select_refinements`) unless not `refined`; an error if `ablate` has not run for them."""
+def selected_changes(bench: str, model_type: str, rounds: int = 3, results: dict | None = None) -> dict:
+    """The recipe changes of `model_type` on `bench` after the first `rounds` sweep rounds in `results` (default:
+    `converged.json`): round 1's `select_changes`, round 2's `select_refinements` and round 3's best run
+    (`select_long_trial`, which may undo round 2); an error if `ablate` has not run for them."""
     if results is None:
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = results.get("ablations", {}).get(bench, {}).get(model_type, {}).get("runs", {})
@@ -227,8 +242,12 @@ def selected_changes(bench: str, model_type: str, refined: bool = True, results:
         raise SystemExit(f"no finished {model_type} ablations on {bench} in {RESULTS}: "
                          f"run `converged.py ablate --only {bench}` first")  # fmt: skip
     changes = select_changes(runs)
-    refinements = results.get("refinements", {}).get(bench, {}).get(model_type, {}).get("runs", {})
-    return with_changes(changes, select_refinements(refinements)) if refined else changes
+    rows = {stage: results.get(stage, {}).get(bench, {}).get(model_type, {}).get("runs", {})
+            for stage in ("refinements", "long_trials")}  # fmt: skip
+    best = select_long_trial(rows["long_trials"]) if rounds >= 3 else None
+    if rounds >= 2 and best != "round_1_only":
+        changes = with_changes(changes, select_refinements(rows["refinements"]))
+    return with_changes(changes, LONG_TRIALS[best]) if best else changes
 
 
 def select_refinements(rows: dict) -> dict:
@@ -239,6 +258,11 @@ def select_refinements(rows: dict) -> dict:
         if row["validation_psnr"] > base:
             changes = with_changes(changes, REFINEMENTS[name])
     return changes
+
+
+def select_long_trial(rows: dict) -> str | None:
+    """The name of round 3's best run by validation PSNR (`long`'s `rows`), None before the round has run."""
+    return max(rows, key=lambda name: rows[name]["validation_psnr"]) if rows else None
 
 
 def train_run(config: dict, workdir: Path) -> dict:
@@ -299,7 +323,7 @@ def refinement_configs(workdir: Path, seconds: float, model_type: str, bench: Be
     """The second round of the sweep: `model_type`'s round-1 selection on `bench` and each of `REFINEMENTS` on top
     of it, `seconds` each (`validation_config`)."""
     base = with_changes(validation_config(workdir, seconds, model_type, bench),
-                        selected_changes(bench.name, model_type, refined=False))  # fmt: skip
+                        selected_changes(bench.name, model_type, rounds=1))  # fmt: skip
     folder = workdir / "refinements"
     return {
         name: with_changes(base, change) | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
@@ -307,19 +331,37 @@ def refinement_configs(workdir: Path, seconds: float, model_type: str, bench: Be
     }
 
 
+def long_trial_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
+    """The third round: `model_type`'s selection of rounds 1 and 2 on `bench` and each of `LONG_TRIALS` on top of
+    it, `seconds` each (`validation_config`); "round_1_only" is round 1's selection, left out where it is the same."""
+    base = validation_config(workdir, seconds, model_type, bench)
+    folder = workdir / "long"
+    configs = {}
+    for name, change in LONG_TRIALS.items():
+        selection = selected_changes(bench.name, model_type, rounds=1 if name == "round_1_only" else 2)
+        config = with_changes(with_changes(base, selection), change)
+        if config not in configs.values():
+            configs[name] = config
+    return {name: config | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
+            for name, config in configs.items()}  # fmt: skip
+
+
 def sweep(stage: str, workdir: Path, names: list[str], seconds: float | None = None) -> dict:
     """Train both models' runs of one sweep round on each benchmark of `names` and add their validation scores to
-    `converged.json` under `stage`: "ablations" (`ablation_configs`, round 1) or "refinements" (`refinement_configs`,
-    round 2). The two models' runs of each change are paired, two at a time (QG-VAE's diagnostics after them), each
-    for `seconds` (default: the benchmark's `ablation_seconds`)."""
+    `converged.json` under `stage`: "ablations" (`ablation_configs`, round 1), "refinements" (`refinement_configs`,
+    round 2) or "long_trials" (`long_trial_configs`, round 3). The two models' runs of each change are paired, two
+    at a time (one model's runs of its own after them), each for `seconds` (default: the benchmark's
+    `ablation_seconds`)."""
     build, select = SWEEPS[stage]
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmarks": {}, "figures": {}}
     for name in names:
         bench = BENCHMARKS[name]
         seconds_ = bench.ablation_seconds if seconds is None else seconds
         configs = {m: build(workdir, seconds_, m, bench) for m in MODEL_NAMES}
-        paired = [c for pair in zip(*(c.values() for c in configs.values())) for c in pair]
-        train_pairs(paired + [c for v, c in configs["qgvae"].items() if v not in configs["patch_vqvae"]], workdir)
+        shared = [v for v in configs["qgvae"] if v in configs["patch_vqvae"]]
+        own = [(m, v) for m, c in configs.items() for v in c if v not in shared]
+        order = [(m, v) for v in shared for m in MODEL_NAMES] + own
+        train_pairs([configs[m][v] for m, v in order], workdir)
         results.setdefault(stage, {})[name] = {m: ablation_rows(c, bench) for m, c in configs.items()}
         RESULTS.write_text(json.dumps(results, indent=2))
         for model_type, rows in results[stage][name].items():
@@ -352,9 +394,12 @@ def ablation_rows(configs: dict[str, dict], bench: Benchmark) -> dict:
     return {"seconds": seconds, "validation": bench.validation_name, "runs": rows}
 
 
-
 # each sweep round's key in `converged.json`: the configs of its runs and the changes its rows select
-SWEEPS = {"ablations": (ablation_configs, select_changes), "refinements": (refinement_configs, select_refinements)}
+SWEEPS = {"ablations": (ablation_configs, select_changes), "refinements": (refinement_configs, select_refinements),
+          "long_trials": (long_trial_configs, select_long_trial)}  # fmt: skip
+SWEEP_STAGES = {"ablate": "ablations", "refine": "refinements", "long": "long_trials"}  # command -> JSON key
+LONG_TRIAL_SECONDS = 720.0  # round 3's training time per run
+
 
 # ---------------------------------------------------------------------------------------------------- analysis
 def test_images(name: str) -> np.ndarray:
@@ -581,6 +626,9 @@ def render_block(results: dict) -> str:
     for name, benchmark_refinements in results.get("refinements", {}).items():
         for model_type, refinements in benchmark_refinements.items():
             lines += refinement_table(name, model_type, refinements)
+    for name, benchmark_trials in results.get("long_trials", {}).items():
+        for model_type, trials in benchmark_trials.items():
+            lines += long_trial_table(name, model_type, trials)
     if results.get("earlier_runs"):
         lines += [
             "",
@@ -621,6 +669,14 @@ def refinement_table(name: str, model_type: str, refinements: dict) -> list[str]
                f"trained by the {name} benchmark above with round 1's changes: "
                f"`{json.dumps(select_refinements(refinements['runs']))}`")  # fmt: skip
     return sweep_table(heading, refinements["runs"], "selected", "vs round 1")
+
+
+def long_trial_table(name: str, model_type: str, trials: dict) -> list[str]:
+    """README lines of one model's third sweep round on benchmark `name` and the run it takes."""
+    heading = (f"Round 3 ({MODEL_NAMES[model_type]}, {name}, {trials['seconds'] / 60:.0f} min each, in pairs; scored "
+               f"on {trials['validation']}): changes on top of rounds 1 and 2. Taken, and trained by the {name} "
+               f"benchmark above: the best run, `{select_long_trial(trials['runs'])}`")  # fmt: skip
+    return sweep_table(heading, trials["runs"], "selected", "vs rounds 1-2")
 
 
 def sweep_table(heading: str, runs: dict, base: str, versus: str, prefix_column: bool = False) -> list[str]:
@@ -688,7 +744,7 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "ablate", "refine", "analyse"))
+    parser.add_argument("stage", choices=("train", "ablate", "refine", "long", "analyse"))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
@@ -702,9 +758,11 @@ def main(argv: list[str] | None = None) -> None:
             BENCHMARKS[name] = replace(bench, train_seconds=args.train_seconds, eval_every=20, checkpoint_every=20)
     if args.stage == "train":
         train(args.workdir, args.only)
-    elif args.stage in ("ablate", "refine"):
-        sweep({"ablate": "ablations", "refine": "refinements"}[args.stage], args.workdir, args.only,
-              args.ablation_seconds)  # fmt: skip
+    elif args.stage in SWEEP_STAGES:
+        seconds = args.ablation_seconds
+        if args.stage == "long" and seconds is None:
+            seconds = LONG_TRIAL_SECONDS
+        sweep(SWEEP_STAGES[args.stage], args.workdir, args.only, seconds)
     else:
         analyse(args.workdir, args.only, args.update_readme)
 
