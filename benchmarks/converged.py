@@ -68,6 +68,8 @@ EARLIER_RUNS = {
     "shared the cores with other work (far fewer steps) and lost; run again on idle cores, it won",
     "converged_photo_round1.json": "photo_set with round 1's selections only (commit 25e3d0c): QG-VAE's recipe as "
     "now (round 2 kept none of its changes), the patch VQ-VAE with 64-dimensional codewords and a reset every 50 steps",
+    "converged_photo_round2.json": "photo_set with the selections of rounds 1 and 2 (commit ddd5956): QG-VAE as in "
+    "round 1, the patch VQ-VAE with 16-dimensional codewords and a reset every 25 steps",
 }
 FIGURES = HERE / "results" / "figures"
 README_START, README_END = "<!-- converged:start -->", "<!-- converged:end -->"
@@ -84,7 +86,7 @@ ABLATION_NAMES = {
     "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
     "reset_every_25": "Voronoi reset every 25 steps instead of 50",
     "decay": "warm-up and cosine decay over the run's time", "decay_codebook_lr_1x": "decay, codebooks at 1x rate",
-    "round_1_only": "round 1's selection only (round 2 undone)",
+    "round_1_decay": "decay on round 1's selection (round 2 undone)",
 }  # fmt: skip
 PHOTO_SET = REPO_ROOT.parent / "shared" / "data" / "photo_set.npz"
 MODEL_NAMES = {"qgvae": "QG-VAE", "patch_vqvae": "patch VQ-VAE"}
@@ -155,13 +157,13 @@ DECAY = {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_r
 # the third round (`long`), around each model's selection of rounds 1 and 2, for 12 minutes instead of 5: twice a
 # 5-minute winner lost over the hour. Cosine decay over the run's time lost round 1 at 5 minutes, where the rate
 # matters most; QG-VAE's hour at a constant rate flattened out after 45 minutes, where decay usually helps. The
-# 1x codebook rate filled QG-VAE's codebooks in round 2. "round_1_only" drops round 2's changes (run where round 2
-# took any). The best-scoring run of the round is taken.
+# 1x codebook rate filled QG-VAE's codebooks in round 2. "round_1_decay" is the decay on round 1's selection alone
+# (round 2's changes undone; run where round 2 took any). The best-scoring run of the round is taken.
 LONG_TRIALS = {
     "selected": {},
     "decay": DECAY,
     "decay_codebook_lr_1x": DECAY | {"codebook_learning_rate": None},
-    "round_1_only": {},
+    "round_1_decay": DECAY,
 }
 
 
@@ -234,7 +236,7 @@ def select_changes(rows: dict) -> dict:
 def selected_changes(bench: str, model_type: str, rounds: int = 3, results: dict | None = None) -> dict:
     """The recipe changes of `model_type` on `bench` after the first `rounds` sweep rounds in `results` (default:
     `converged.json`): round 1's `select_changes`, round 2's `select_refinements` and round 3's best run
-    (`select_long_trial`, which may undo round 2); an error if `ablate` has not run for them."""
+    (`select_long_trial`, which may undo round 2: "round_1_decay"); an error if `ablate` has not run for them."""
     if results is None:
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = results.get("ablations", {}).get(bench, {}).get(model_type, {}).get("runs", {})
@@ -245,7 +247,7 @@ def selected_changes(bench: str, model_type: str, rounds: int = 3, results: dict
     rows = {stage: results.get(stage, {}).get(bench, {}).get(model_type, {}).get("runs", {})
             for stage in ("refinements", "long_trials")}  # fmt: skip
     best = select_long_trial(rows["long_trials"]) if rounds >= 3 else None
-    if rounds >= 2 and best != "round_1_only":
+    if rounds >= 2 and best != "round_1_decay":
         changes = with_changes(changes, select_refinements(rows["refinements"]))
     return with_changes(changes, LONG_TRIALS[best]) if best else changes
 
@@ -333,12 +335,13 @@ def refinement_configs(workdir: Path, seconds: float, model_type: str, bench: Be
 
 def long_trial_configs(workdir: Path, seconds: float, model_type: str, bench: Benchmark) -> dict[str, dict]:
     """The third round: `model_type`'s selection of rounds 1 and 2 on `bench` and each of `LONG_TRIALS` on top of
-    it, `seconds` each (`validation_config`); "round_1_only" is round 1's selection, left out where it is the same."""
+    it, `seconds` each (`validation_config`); "round_1_decay" adds its change to round 1's selection only. A run the
+    same as an earlier one is left out."""
     base = validation_config(workdir, seconds, model_type, bench)
     folder = workdir / "long"
     configs = {}
     for name, change in LONG_TRIALS.items():
-        selection = selected_changes(bench.name, model_type, rounds=1 if name == "round_1_only" else 2)
+        selection = selected_changes(bench.name, model_type, rounds=1 if name == "round_1_decay" else 2)
         config = with_changes(with_changes(base, selection), change)
         if config not in configs.values():
             configs[name] = config

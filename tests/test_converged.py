@@ -281,22 +281,22 @@ def test_long_trials_build_on_rounds_one_and_two_and_take_the_best_run(tmp_path,
     bench = converged.BENCHMARKS["photo_set"]
     qg = converged.long_trial_configs(tmp_path, 90, "qgvae", bench)
     patch = converged.long_trial_configs(tmp_path, 90, "patch_vqvae", bench)
-    assert set(qg) == {"selected", "decay", "decay_codebook_lr_1x"}  # round 2 took nothing: no round_1_only
+    assert set(qg) == {"selected", "decay", "decay_codebook_lr_1x"}  # round 2 took nothing: no round_1_decay
     assert set(patch) == set(converged.LONG_TRIALS)
     base = patch["selected"]
     assert base["model"]["reset_interval"] == 25 and base["lr_scheduler"] == "constant"  # rounds 1 and 2
     assert base["data"]["eval_split"] == "validation" and base["max_train_time"] == 90
-    assert patch["round_1_only"]["model"]["reset_interval"] == 50
+    assert patch["round_1_decay"]["model"]["reset_interval"] == 50
     changed = {name: {k for k in c if c[k] != base[k] and k != "output_dir"} for name, c in patch.items()}
     decay = {"lr_scheduler", "lr_scheduler_kwargs", "lr_warmup_ratio"}
     assert changed == {"selected": set(), "decay": decay, "decay_codebook_lr_1x": decay | {"codebook_learning_rate"},
-                       "round_1_only": {"model"}}  # fmt: skip
+                       "round_1_decay": decay | {"model"}}  # fmt: skip
     assert patch["decay"]["lr_scheduler"] == "cosine_with_min_lr" and patch["decay_codebook_lr_1x"][
         "codebook_learning_rate"] is None  # fmt: skip
     assert len({c["output_dir"] for c in [*qg.values(), *patch.values()]}) == 7
 
     assert converged.select_long_trial({}) is None
-    for model_type, winner in (("qgvae", "decay"), ("patch_vqvae", "round_1_only")):
+    for model_type, winner in (("qgvae", "decay"), ("patch_vqvae", "round_1_decay")):
         runs = {name: {"validation_psnr": 22.0 if name == winner else 21.0, "steps": 900, "usage_min": 0.95}
                 for name in converged.LONG_TRIALS}  # fmt: skip
         assert converged.select_long_trial(runs) == winner
@@ -305,17 +305,18 @@ def test_long_trials_build_on_rounds_one_and_two_and_take_the_best_run(tmp_path,
     assert converged.selected_changes("photo_set", "qgvae")["lr_scheduler"] == "cosine_with_min_lr"
     assert converged.selected_changes("photo_set", "qgvae", rounds=2)["lr_scheduler"] == "constant"
     undone = converged.selected_changes("photo_set", "patch_vqvae")
-    assert undone["model"] == {} and undone["lr_scheduler"] == "constant"  # round 2's reset interval dropped
+    assert undone["model"] == {} and undone["lr_scheduler"] == "cosine_with_min_lr"  # round 2's reset dropped
     assert converged.selected_changes("photo_set", "patch_vqvae", rounds=2)["model"] == {"reset_interval": 25}
     table = "\n".join(converged.long_trial_table("photo_set", "patch_vqvae", results["long_trials"]["photo_set"][
         "patch_vqvae"] | {"seconds": 720, "validation": "v"}))  # fmt: skip
-    assert "Round 3 (patch VQ-VAE, photo_set, 12 min each" in table and "the best run, `round_1_only`" in table
-    assert "| round 1's selection only (round 2 undone) | 22.00 | +1.00 | 900 | 95.0% |" in table
+    assert "Round 3 (patch VQ-VAE, photo_set, 12 min each" in table and "the best run, `round_1_decay`" in table
+    assert "| decay on round 1's selection (round 2 undone) | 22.00 | +1.00 | 900 | 95.0% |" in table
 
 
 def test_long_trials_pair_the_shared_changes_and_run_one_models_own_after(tmp_path, monkeypatch):
     monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
-    runs = {"full": {"validation_psnr": 20.0}, "ema": {"validation_psnr": 19.0}, "no_schedule": {"validation_psnr": 21.0}}
+    runs = {"full": {"validation_psnr": 20.0}, "ema": {"validation_psnr": 19.0},
+            "no_schedule": {"validation_psnr": 21.0}}  # fmt: skip
     refined = {"selected": {"validation_psnr": 20.0}, "codeword_dim_16": {"validation_psnr": 21.0}}
     converged.RESULTS.write_text(json.dumps({
         "ablations": {"photo_set": {m: {"runs": runs} for m in converged.MODEL_NAMES}},
@@ -330,7 +331,7 @@ def test_long_trials_pair_the_shared_changes_and_run_one_models_own_after(tmp_pa
     monkeypatch.setattr(converged, "train_pairs", fake_pairs)
     converged.main(["long", "--only", "photo_set", "--workdir", str(tmp_path)])
     pairs = [f"photo_set-{m}-{v}" for v in ("selected", "decay", "decay_codebook_lr_1x") for m in converged.MODEL_NAMES]
-    assert seen == pairs + ["photo_set-patch_vqvae-round_1_only"]
+    assert seen == pairs + ["photo_set-patch_vqvae-round_1_decay"]
     rows = json.loads(converged.RESULTS.read_text())["long_trials"]["photo_set"]
     assert rows["qgvae"]["seconds"] == converged.LONG_TRIAL_SECONDS == 720
     assert set(rows["patch_vqvae"]["runs"]) == set(converged.LONG_TRIALS)
