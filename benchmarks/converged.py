@@ -1,7 +1,8 @@
 """Trained to their potential (issue 11): QG-VAE against the patch VQ-VAE at equal bytes and equal wall time.
 
     nohup sh -c 'python benchmarks/converged.py ablate && python benchmarks/converged.py refine --only photo_set &&
-        python benchmarks/converged.py train' > outputs/converged.log 2>&1 &
+        python benchmarks/converged.py long --only photo_set && python benchmarks/converged.py train' \
+        > outputs/converged.log 2>&1 &
     python benchmarks/converged.py analyse [--workdir outputs/converged] [--update-readme]
 
 `train` runs two pairs through `training/train.py`, the two runs of a pair side by side with one thread each (both see
@@ -18,9 +19,10 @@ training digits), never the test split; `select_changes` keeps an addition only 
 and takes an alternative only if it gains (the same sweep for both models). On MNIST, QG-VAE also runs the
 `diagnostic_changes` (no token dropout, one head per token), reported and never selected. `refine` is a second round
 (run on photo_set): each of `REFINEMENTS` on top of each model's round-1 selection, for the same time on the same
-validation split, taken where it beats the round-1 selection. The stages resume: a finished run (its folder holds
-`results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint, and a folder
-whose run had another config is deleted (with a note) and trained again (`common.reusable_run`).
+validation split, taken where it beats the round-1 selection. `long` is a third round (on photo_set, 12 minutes a
+run): each of `LONG_TRIALS` on top of rounds 1 and 2, the best run taken. The stages resume: a finished run (its
+folder holds `results.json` for the same config) is kept, an interrupted one continues from its newest checkpoint,
+and a folder whose run had another config is deleted (with a note) and trained again (`common.reusable_run`).
 
 `analyse` reads the runs and writes `benchmarks/results/converged.json`, figures under `benchmarks/results/figures/`
 (`converged_<data>_training.png`, `converged_<data>_progressive.png`, `converged_<data>_rate_distortion.png`) and, with
