@@ -68,8 +68,8 @@ EARLIER_RUNS = {
     "converged_photo_selected_recipe.json": "with the recipes selected on photo_set's ablations (commit 7f1b9d8)",
     "converged_photo_lr1e3.json": "QG-VAE at lr 1e-3 on photo_set (commit 06e4e3e): its doubled-rate ablation had "
     "shared the cores with other work (far fewer steps) and lost; run again on idle cores, it won",
-    "converged_photo_round1.json": "photo_set with round 1's selections only (commit 25e3d0c): QG-VAE's recipe as "
-    "now (round 2 kept none of its changes), the patch VQ-VAE with 64-dimensional codewords and a reset every 50 steps",
+    "converged_photo_round1.json": "photo_set with round 1's selections only (commit 25e3d0c): QG-VAE at lr 2e-3, "
+    "constant (round 2 kept none of its changes), the patch VQ-VAE with D = 64 and a reset every 50 steps",
     "converged_photo_round2.json": "photo_set with the selections of rounds 1 and 2 (commit ddd5956): QG-VAE as in "
     "round 1, the patch VQ-VAE with 16-dimensional codewords and a reset every 25 steps",
 }
@@ -670,8 +670,8 @@ def ablation_table(name: str, model_type: str, ablations: dict) -> list[str]:
 def refinement_table(name: str, model_type: str, refinements: dict) -> list[str]:
     """README lines of one model's second sweep round on benchmark `name` and the refinements it selects."""
     heading = (f"Round 2 ({MODEL_NAMES[model_type]}, {name}, {refinements['seconds'] / 60:.0f} min each, in pairs; "
-               f"scored on {refinements['validation']}): each change on top of the round-1 selection. Taken, and "
-               f"trained by the {name} benchmark above with round 1's changes: "
+               f"scored on {refinements['validation']}): each change on top of the round-1 selection. Taken (trained "
+               f"by the {name} benchmark above with the changes of rounds 1 and 3, unless round 3 undid them): "
                f"`{json.dumps(select_refinements(refinements['runs']))}`")  # fmt: skip
     return sweep_table(heading, refinements["runs"], "selected", "vs round 1")
 

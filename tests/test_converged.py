@@ -169,6 +169,20 @@ def write_run(folder: Path, final: dict, step: int, train_time: float, usage_min
     (folder / "results.json").write_text(json.dumps(results))
 
 
+def fake_train_pairs(monkeypatch, final: dict) -> list[dict]:
+    """Replace `converged.train_pairs` by one that writes each run's results (`final` as its last evaluation) at
+    once; returns the list of the configs it is given, in order."""
+    seen = []
+
+    def train_pairs(configs: list[dict], workdir: Path) -> None:
+        for config in configs:
+            seen.append(config)
+            write_run(Path(config["output_dir"]), final, step=1, train_time=1.0, usage_min=1.0)
+
+    monkeypatch.setattr(converged, "train_pairs", train_pairs)
+    return seen
+
+
 @pytest.mark.parametrize("model_type", ["qgvae", "patch_vqvae"])
 @pytest.mark.parametrize("name", list(converged.BENCHMARKS))
 def test_ablation_rows_score_raw_weights_and_report_the_ema(name, model_type, tmp_path):
@@ -190,15 +204,7 @@ def test_ablation_rows_score_raw_weights_and_report_the_ema(name, model_type, tm
 
 def test_ablate_runs_each_benchmark_for_its_own_time_in_pairs(tmp_path, monkeypatch):
     monkeypatch.setattr(converged, "RESULTS", tmp_path / "converged.json")
-    seen = []
-
-    def fake_pairs(configs: list[dict], workdir: Path) -> None:
-        for config in configs:
-            seen.append(config)
-            final = {"psnr": 20.0, "psnr_k8": 18.0, "psnr_k32": 18.0}
-            write_run(Path(config["output_dir"]), final, step=1, train_time=1.0, usage_min=1.0)
-
-    monkeypatch.setattr(converged, "train_pairs", fake_pairs)
+    seen = fake_train_pairs(monkeypatch, {"psnr": 20.0, "psnr_k8": 18.0, "psnr_k32": 18.0})
     results = converged.sweep("ablations", tmp_path, ["photo_set", "mnist"])
     names = [Path(c["output_dir"]).name for c in seen]
     assert {c["max_train_time"] for c in seen if "photo_set" in c["output_dir"]} == {300}
@@ -253,15 +259,9 @@ def test_refine_trains_the_pairs_and_records_their_rows(tmp_path, monkeypatch):
     runs = {"full": {"validation_psnr": 20.0}, "ema": {"validation_psnr": 19.0}}
     converged.RESULTS.write_text(json.dumps({"ablations": {"photo_set": {m: {"runs": runs} for m in
                                                                           converged.MODEL_NAMES}}}))  # fmt: skip
-    seen = []
-
-    def fake_pairs(configs: list[dict], workdir: Path) -> None:
-        for config in configs:
-            seen.append(Path(config["output_dir"]).name)
-            write_run(Path(config["output_dir"]), {"psnr": 20.0}, step=1, train_time=1.0, usage_min=1.0)
-
-    monkeypatch.setattr(converged, "train_pairs", fake_pairs)
+    configs = fake_train_pairs(monkeypatch, {"psnr": 20.0})
     results = converged.sweep("refinements", tmp_path, ["photo_set"], seconds=30)
+    seen = [Path(c["output_dir"]).name for c in configs]
     assert seen[:2] == ["photo_set-qgvae-selected", "photo_set-patch_vqvae-selected"]  # paired, same change
     assert len(seen) == 2 * len(converged.REFINEMENTS)
     rows = results["refinements"]["photo_set"]
@@ -321,15 +321,9 @@ def test_long_trials_pair_the_shared_changes_and_run_one_models_own_after(tmp_pa
     converged.RESULTS.write_text(json.dumps({
         "ablations": {"photo_set": {m: {"runs": runs} for m in converged.MODEL_NAMES}},
         "refinements": {"photo_set": {"patch_vqvae": {"runs": refined}}}}))  # fmt: skip
-    seen = []
-
-    def fake_pairs(configs: list[dict], workdir: Path) -> None:
-        for config in configs:
-            seen.append(Path(config["output_dir"]).name)
-            write_run(Path(config["output_dir"]), {"psnr": 20.0}, step=1, train_time=1.0, usage_min=1.0)
-
-    monkeypatch.setattr(converged, "train_pairs", fake_pairs)
+    configs = fake_train_pairs(monkeypatch, {"psnr": 20.0})
     converged.main(["long", "--only", "photo_set", "--workdir", str(tmp_path)])
+    seen = [Path(c["output_dir"]).name for c in configs]
     pairs = [f"photo_set-{m}-{v}" for v in ("selected", "decay", "decay_codebook_lr_1x") for m in converged.MODEL_NAMES]
     assert seen == pairs + ["photo_set-patch_vqvae-round_1_decay"]
     rows = json.loads(converged.RESULTS.read_text())["long_trials"]["photo_set"]
