@@ -84,7 +84,7 @@ ABLATION_NAMES = {
     "lr_2x": "learning rates doubled (2e-3, codebooks 2e-2)", "reference": "reference recipe (SPEC section 6)",
     "ordering_off": "diagnostic: no token dropout (unordered tokens)",
     "heads_per_token": "diagnostic: one projection head per token",
-    "selected": "round-1 selection", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
+    "selected": "selection of the earlier rounds", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
     "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
     "reset_every_25": "Voronoi reset every 25 steps instead of 50",
     "decay": "warm-up and cosine decay over the run's time", "decay_codebook_lr_1x": "decay, codebooks at 1x rate",
