@@ -84,7 +84,8 @@ ABLATION_NAMES = {
     "lr_2x": "learning rates doubled (2e-3, codebooks 2e-2)", "reference": "reference recipe (SPEC section 6)",
     "ordering_off": "diagnostic: no token dropout (unordered tokens)",
     "heads_per_token": "diagnostic: one projection head per token",
-    "selected": "selection of the earlier rounds", "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
+    "selected": "selection of the earlier rounds",
+    "codebook_lr_1x": "codebooks at the model's learning rate (no 10x boost)",
     "codeword_dim_16": "16-dimensional codewords (D = 16, not 64)",
     "reset_every_25": "Voronoi reset every 25 steps instead of 50",
     "decay": "warm-up and cosine decay over the run's time", "decay_codebook_lr_1x": "decay, codebooks at 1x rate",
@@ -749,13 +750,14 @@ def analyse(workdir: Path, names: list[str], update_readme: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("train", "ablate", "refine", "long", "analyse"))
+    parser.add_argument("stage", choices=("train", *SWEEP_STAGES, "analyse"))
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "outputs" / "converged")
     parser.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS))
     parser.add_argument("--train-seconds", type=float, help="override every run's training time (smoke tests)")
     own = ", ".join(f"{bench.ablation_seconds:.0f} s on {name}" for name, bench in BENCHMARKS.items())
     parser.add_argument("--ablation-seconds", type=float,
-                        help=f"training time of each ablation run (default: the benchmark's, {own})")  # fmt: skip
+                        help=f"training time of each sweep run (default: the benchmark's, {own}; "
+                             f"`long`: {LONG_TRIAL_SECONDS:.0f} s)")  # fmt: skip
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.train_seconds is not None:
