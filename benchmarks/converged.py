@@ -156,7 +156,7 @@ REFINEMENTS = {
     # round 1 found 50 steps better than 200 for both models: one more step in that direction
     "reset_every_25": {"model": {"reset_interval": 25}},
 }
-DECAY = {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.05}, "lr_warmup_ratio": 0.02}
+DECAY = {key: RECIPE[key] for key in VARIANTS["no_schedule"]}  # the starting recipe's warm-up and cosine decay
 # the third round (`long`), around each model's selection of rounds 1 and 2, for 12 minutes instead of 5: twice a
 # 5-minute winner lost over the hour. Cosine decay over the run's time lost round 1 at 5 minutes, where the rate
 # matters most; QG-VAE's hour at a constant rate flattened out after 45 minutes, where decay usually helps. The
@@ -341,11 +341,11 @@ def long_trial_configs(workdir: Path, seconds: float, model_type: str, bench: Be
     it, `seconds` each (`validation_config`); "round_1_decay" adds its change to round 1's selection only. A run the
     same as an earlier one is left out."""
     base = validation_config(workdir, seconds, model_type, bench)
+    selections = {rounds: selected_changes(bench.name, model_type, rounds=rounds) for rounds in (1, 2)}
     folder = workdir / "long"
     configs = {}
     for name, change in LONG_TRIALS.items():
-        selection = selected_changes(bench.name, model_type, rounds=1 if name == "round_1_decay" else 2)
-        config = with_changes(with_changes(base, selection), change)
+        config = with_changes(with_changes(base, selections[1 if name == "round_1_decay" else 2]), change)
         if config not in configs.values():
             configs[name] = config
     return {name: config | {"output_dir": str(folder / f"{bench.name}-{model_type}-{name}")}
